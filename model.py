@@ -1,0 +1,333 @@
+"""
+A small modern GPT with STEM feed-forward layers, readable top to bottom.
+
+Backbone: token embedding -> n_layer x [RMSNorm -> causal attention (RoPE, SDPA,
+optional grouped-query heads) -> RMSNorm -> FFN] -> RMSNorm -> lm_head. No biases.
+
+The FFN of a layer is either the dense SwiGLU `W_down(SiLU(W_gate x) * W_up x)` or a
+STEM FFN (stem.py) whose up-projection is a row of a per-layer table looked up by the
+input token id. All STEM tables live in one `ResidentTables` module (stem.py) laid out
+as (vocab, n_stem, d_ff): the model looks up the rows of the batch's unique token ids
+once per forward, and every STEM layer reads its slice through an inverse index.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import stem
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0          # 0 means n_head (plain multi-head); fewer = grouped-query
+    n_embd: int = 256
+    d_ff: int = 0               # 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    ffn: str = "stem"           # 'dense' or 'stem'
+    stem_layers: str = "full"   # none | third | half | full | explicit list "1,3,5"
+    stem_variant: str = "up"    # up (the paper's STEM) | gate | up+table (ablations)
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.d_ff == 0:
+            self.d_ff = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head size n_embd/n_head must be even for RoPE")
+        if self.ffn not in ("dense", "stem"):
+            raise ValueError(f"ffn must be 'dense' or 'stem', got {self.ffn!r}")
+        if self.stem_variant not in stem.VARIANTS:
+            raise ValueError(f"stem_variant must be one of {stem.VARIANTS}, got {self.stem_variant!r}")
+        self.stem_layer_ids = stem.select_layers(self.stem_layers if self.ffn == "stem" else "none",
+                                                 self.n_layer)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 so bf16 activations do not lose the mean square
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cache(head_dim, max_len, theta, device=None):
+    """cos/sin of the rotary angles, each (max_len, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); rotate the pairs (x1, x2) = (first half, second half) of each head
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, None].to(x.dtype), sin[None, None].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for one attention layer: (B, n_kv_head, block_size, hd)."""
+
+    def __init__(self, batch_size, config, device, dtype):
+        shape = (batch_size, config.n_kv_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, pos, k, v):
+        T = k.size(2)
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.proj.is_residual_output = True
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)                                 # (B, Hkv, pos+T, hd)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if pos == 0:
+            mask, causal = None, True
+        elif T == 1:                 # one new token attends to everything cached
+            mask, causal = None, False
+        else:                        # a chunk after a prefix: causal within the chunk
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                   # (B, T, C)
+        return self.proj(y)
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU: W_down(SiLU(W_gate x) * W_up x)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.up = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.n_embd, bias=False)
+        self.down.is_residual_output = True
+
+    def forward(self, x, rows=None):
+        return self.down(F.silu(self.gate(x)) * self.up(x))               # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = RMSNorm(config.n_embd)
+        self.is_stem = layer_id in config.stem_layer_ids
+        self.ffn = stem.StemFFN(config) if self.is_stem else DenseFFN(config)
+
+    def forward(self, x, cos, sin, rows=None, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.ffn(self.ffn_norm(x), rows)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # The tables of all STEM layers, one (vocab, n_stem, d_ff) tensor: a token's rows
+        # for every layer sit together, so one gather per unique id serves all layers.
+        # None for a dense model. offload.py swaps this for a host-memory source.
+        n_stem = len(config.stem_layer_ids)
+        self.tables = stem.ResidentTables(config.vocab_size, n_stem, config.d_ff) if n_stem else None
+        head_dim = config.n_embd // config.n_head
+        cos, sin = rope_cache(head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # std 0.02 everywhere; residual output projections scaled by 1/sqrt(2 n_layer) as in GPT-2
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual_output", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # the STEM tables initialise themselves (Xavier-normal), see stem.ResidentTables
+
+    def forward(self, idx, targets=None, row_index=None, cache=None, pos=0):
+        """
+        idx: (B, T) token ids. targets: (B, T) or None.
+        row_index: a stem.RowIndex (unique ids + inverse) of idx computed by the caller, e.g.
+          on the CPU by the data loader so that no torch.unique runs on the GPU; computed
+          here when None. cache/pos: KV caches (one per layer) and the position of idx[:, 0].
+        Returns (logits, loss); logits are (B, T, V) with targets, (B, 1, V) without.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size}")
+        if not idx.is_cuda:   # on the GPU the loader checked the ids; a check here would sync
+            stem.check_ids(idx, self.config.vocab_size)
+        rows = None
+        if self.tables is not None:
+            if row_index is None:
+                row_index = stem.RowIndex.of(idx)
+            rows = stem.StemRows(self.tables.lookup(row_index.unique_ids), row_index.inverse)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.drop(self.wte(idx))                                       # (B, T, C)
+        stem_slot = 0
+        for i, block in enumerate(self.blocks):
+            layer_rows = None
+            if block.is_stem:
+                layer_rows, stem_slot = rows.layer(stem_slot), stem_slot + 1   # (B, T, d_ff)
+            x = block(x, cos, sin, layer_rows, None if cache is None else cache[i], pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None                       # (B, 1, V)
+        logits = self.lm_head(x)                                           # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # -- counting -------------------------------------------------------------
+
+    def num_params(self):
+        """(total, active per token). Active excludes the STEM tables: a token reads one row
+        of each, a lookup rather than a matmul. Tied embeddings count once."""
+        total = sum(p.numel() for p in self.parameters())
+        tables = self.tables.numel() if self.tables is not None else 0
+        return total, total - tables
+
+    def flops_per_token(self, seq_len=None):
+        """Forward matmul FLOPs per token (2 per multiply-add); training is 3x this.
+        Attention scores count the full T x T product (PaLM's convention); table lookups,
+        norms and activations count nothing."""
+        c = self.config
+        T = seq_len or c.block_size
+        head_dim = c.n_embd // c.n_head
+        attn = 2 * c.n_embd * (c.n_embd + 2 * c.n_kv_head * head_dim) + 2 * c.n_embd * c.n_embd
+        attn += 2 * 2 * T * c.n_embd                                      # q @ k^T and att @ v
+        dense_ffn = 3 * 2 * c.n_embd * c.d_ff
+        stem_ffn = stem.ffn_matmuls(c.stem_variant) * 2 * c.n_embd * c.d_ff
+        n_stem = len(c.stem_layer_ids)
+        ffn = (c.n_layer - n_stem) * dense_ffn + n_stem * stem_ffn
+        return c.n_layer * attn + ffn + 2 * c.n_embd * c.vocab_size        # + lm_head
+
+    def estimate_mfu(self, tokens_per_second, device_name=None, seq_len=None):
+        """Model FLOPs utilisation of a training run against the GPU's bf16 dense peak;
+        None on a device we have no peak for (e.g. the CPU)."""
+        peak = gpu_peak_flops(device_name)
+        return None if peak is None else 3 * self.flops_per_token(seq_len) * tokens_per_second / peak
+
+    # -- generation -----------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens. temperature 0 means greedy.
+        Past block_size tokens the context is cropped to the last block_size tokens (the
+        cached path then re-reads that window, so both paths compute the same logits)."""
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"prompt is {idx.size(1)} tokens but the model's context (block_size) "
+                             f"is {self.config.block_size}; shorten the prompt")
+        was_training = self.training
+        self.eval()
+        cache, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -self.config.block_size:])
+            else:
+                if cache is None or pos >= self.config.block_size:
+                    # (re)fill the cache from the window of the last block_size tokens
+                    window = idx[:, -self.config.block_size:]
+                    param = self.wte.weight
+                    cache = [KVCache(idx.size(0), self.config, param.device, param.dtype)
+                             for _ in range(self.config.n_layer)]
+                    logits, _ = self(window, cache=cache, pos=0)
+                    pos = window.size(1)
+                else:
+                    logits, _ = self(idx[:, -1:], cache=cache, pos=pos)
+                    pos += 1
+            idx = torch.cat([idx, sample_next(logits[:, -1, :], temperature, top_k, generator)], dim=1)
+        self.train(was_training)
+        return idx
+
+
+def sample_next(logits, temperature, top_k, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+# bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by name
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,     # SXM; the PCIe card is lower (756e12)
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def gpu_peak_flops(device_name=None):
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756e12
+    for key, peak in GPU_PEAK_FLOPS.items():
+        if key in device_name:
+            return peak
+    warnings.warn(f"no bf16 peak known for {device_name!r}; MFU not reported")
+    return None

@@ -1,0 +1,141 @@
+"""
+STEM: the feed-forward layer whose up-projection is a table row looked up by token id.
+
+    dense SwiGLU:  y = W_down( SiLU(W_gate x) * (W_up x) )
+    STEM:          y = W_down( SiLU(W_gate x) * U_l[t] )      t = input token id at x's position
+
+U_l is a (vocab_size, d_ff) table of layer l. Rows reach the FFN through one narrow
+interface: the model asks a table source for the rows of the batch's unique token ids
+(`lookup(unique_ids) -> (U, n_stem, d_ff)`) and each layer expands its slice to the
+batch's positions through the inverse index. `ResidentTables` below is the source that
+keeps the tables as an ordinary parameter; offload.py provides one that keeps them in
+host memory. The FFN math never knows which one it talks to.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# up: the paper's STEM. gate: the table replaces W_gate x inside the SiLU (the paper finds
+# it worse than dense). up+table: STEM-dagger, W_up x + U_l[t] (more FLOPs, no gain).
+VARIANTS = ("up", "gate", "up+table")
+
+
+def ffn_matmuls(variant):
+    """How many of the three d_model x d_ff matmuls a STEM FFN of this variant keeps."""
+    return 3 if variant == "up+table" else 2
+
+
+def select_layers(spec, n_layer):
+    """Which layers get a STEM FFN. Layer 0 always stays dense.
+    full: 1..L-1; half: odd layers; third: every third layer starting at 1; none;
+    or an explicit comma-separated list such as "1,3,5"."""
+    spec = str(spec).strip()
+    if spec == "none":
+        return ()
+    if spec == "full":
+        return tuple(range(1, n_layer))
+    if spec == "half":
+        return tuple(range(1, n_layer, 2))
+    if spec == "third":
+        return tuple(range(1, n_layer, 3))
+    try:
+        layers = tuple(sorted({int(s) for s in spec.replace(" ", "").split(",") if s}))
+    except ValueError:
+        raise ValueError(f"stem_layers must be none|third|half|full or a list like '1,3,5', got {spec!r}") from None
+    bad = [i for i in layers if not 1 <= i < n_layer]
+    if bad:
+        raise ValueError(f"stem_layers {bad} out of range: STEM layers are 1..{n_layer - 1} (layer 0 stays dense)")
+    return layers
+
+
+def check_ids(ids, vocab_size):
+    """Raise a clear error for token ids outside [0, vocab_size)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size}")
+
+
+@dataclass
+class RowIndex:
+    """The dedup of a batch: unique_ids (U,) sorted, inverse (B, T) with
+    unique_ids[inverse] == idx. Computed where the batch already is on the CPU."""
+    unique_ids: torch.Tensor
+    inverse: torch.Tensor
+
+    @staticmethod
+    def of(idx):
+        unique_ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        return RowIndex(unique_ids, inverse)
+
+    def to(self, device, non_blocking=False):
+        return RowIndex(self.unique_ids.to(device, non_blocking=non_blocking),
+                        self.inverse.to(device, non_blocking=non_blocking))
+
+
+class StemRows:
+    """The looked-up rows of one batch for all STEM layers, and how to expand them."""
+
+    def __init__(self, unique_rows, inverse):
+        self.unique_rows = unique_rows      # (U, n_stem, d_ff)
+        self.inverse = inverse              # (B, T) indices into U
+
+    def layer(self, slot):
+        # gather U rows once, expand per position here: (U, d_ff) -> (B, T, d_ff)
+        return self.unique_rows[:, slot][self.inverse]
+
+
+class ResidentTables(nn.Module):
+    """All STEM tables as one parameter of shape (vocab_size, n_stem, d_ff).
+    Slice [:, k] is layer k's table U_k of shape (vocab_size, d_ff)."""
+
+    def __init__(self, vocab_size, n_stem, d_ff):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, n_stem, d_ff))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Xavier-normal over each layer's whole (V, d_ff) matrix: std = sqrt(2 / (V + d_ff))
+        vocab_size, _, d_ff = self.weight.shape
+        nn.init.normal_(self.weight, mean=0.0, std=math.sqrt(2.0 / (vocab_size + d_ff)))
+
+    def lookup(self, unique_ids):
+        """Rows of the given ids for every STEM layer: (U,) -> (U, n_stem, d_ff).
+        Gathering unique ids once (instead of B*T rows per layer) is the dedup: the
+        backward scatters U rows into the table's gradient, not B*T."""
+        return self.weight[unique_ids]
+
+    def numel(self):
+        return self.weight.numel()
+
+
+class StemFFN(nn.Module):
+    """The FFN of a STEM layer; `rows` is (B, T, d_ff), this layer's table rows U_l[t]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.variant = config.stem_variant
+        d, d_ff = config.n_embd, config.d_ff
+        if self.variant in ("up", "up+table"):
+            self.gate = nn.Linear(d, d_ff, bias=False)
+        if self.variant in ("gate", "up+table"):
+            self.up = nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+        self.down.is_residual_output = True
+
+    def forward(self, x, rows):
+        # rows come in the table's dtype (fp32); cast to the matmul output's dtype so that
+        # under bf16 autocast the product stays bf16 like the dense FFN's
+        if self.variant == "up":
+            g = self.gate(x)
+            h = F.silu(g) * rows.to(g.dtype)                   # (B, T, d_ff)
+        elif self.variant == "gate":
+            u = self.up(x)
+            h = F.silu(rows.to(u.dtype)) * u                   # (B, T, d_ff)
+        else:  # up+table
+            g, u = self.gate(x), self.up(x)
+            h = F.silu(g) * (u + rows.to(u.dtype))             # (B, T, d_ff)
+        return self.down(h)                                    # (B, T, C)

@@ -1,0 +1,435 @@
+"""
+Train a STEM (or dense) GPT.
+
+    python data/facts/prepare.py && python train.py                    # tiny CPU default
+    python train.py config/stem_350m.py --batch_size=16                 # a config file + flags
+    python train.py --out_dir=out-facts --init_from=resume              # continue exactly
+
+Every hyperparameter is a field of TrainConfig (below) or of model.GPTConfig. Config files
+are Python files of plain assignments; `--key=value` flags come after them. Unknown keys
+and values of the wrong type stop the run with a message saying what was expected.
+"""
+
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import stem
+from model import GPT, GPTConfig
+
+DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out-facts"
+    dataset: str = "facts"          # a folder under data/ (or a path) with train.bin, val.bin, meta.json
+    init_from: str = "scratch"      # scratch | resume (from out_dir/ckpt.pt)
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = True   # else save only when val loss improves
+    # data
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    # AdamW, warmup + cosine decay to min_lr_ratio * learning_rate
+    learning_rate: float = 3e-3
+    max_iters: int = 2000
+    lr_decay_iters: int = 0         # 0 means max_iters
+    warmup_iters: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # on the backbone's gradient norm; 0 disables
+    # the STEM tables' optimiser group; negative means "same as the backbone" (the paper)
+    table_lr_mult: float = 1.0
+    table_weight_decay: float = -1.0
+    table_grad_clip: float = -1.0   # tables are clipped on their own norm, as in the paper
+    # system
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    seed: int = 1337
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad key, missing data); printed without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# configuration: config files and --key=value flags over dataclass defaults
+
+def parse_overrides(argv, *config_classes):
+    """Read config files and --key=value flags into {key: value}, checked against the
+    fields of the given dataclasses. Later arguments win."""
+    types = {f.name: f.type for cls in config_classes for f in fields(cls)}
+    overrides = {}
+
+    def set_value(key, value, source):
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(f"unknown config key '{key}' in {source}{hint}")
+        overrides[key] = convert(key, value, types[key], source)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                raise UsageError(f"flags take the form --key=value, got '{arg}'")
+            set_value(key, value, "the command line")
+        else:
+            if not os.path.isfile(arg):
+                raise UsageError(f"config file '{arg}' not found")
+            namespace = {}
+            exec(open(arg).read(), {}, namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_"):
+                    set_value(key, value, arg)
+    return overrides
+
+
+def convert(key, value, typ, source):
+    """A flag string (or a config file's value) as the field's type, or a UsageError."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        try:
+            if typ is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return typ(value)
+        except ValueError:
+            raise UsageError(f"'{key}' expects {typ.__name__}, got '{value}' in {source}") from None
+    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UsageError(f"'{key}' expects {typ.__name__}, got {value!r} in {source}")
+    return value
+
+
+def split_overrides(overrides):
+    train_keys = {f.name for f in fields(TrainConfig)}
+    return ({k: v for k, v in overrides.items() if k in train_keys},
+            {k: v for k, v in overrides.items() if k not in train_keys})
+
+
+def resolve_device(device, dtype):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device} but CUDA is not available; use --device=cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"dtype must be auto, float32 or bfloat16, got '{dtype}'")
+    return device, dtype
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast with fp32 master weights; plain float32 otherwise."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def data_dir_of(dataset):
+    return dataset if os.path.isdir(dataset) else os.path.join(DATA_ROOT, dataset)
+
+
+def load_meta(dataset):
+    """The dataset's meta.json, or a UsageError naming the command that writes it."""
+    data_dir = data_dir_of(dataset)
+    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.exists(os.path.join(data_dir, f))]
+    if missing:
+        prepare = os.path.join(DATA_ROOT, dataset, "prepare.py")
+        how = (f"run `python {os.path.relpath(prepare)}` first" if os.path.exists(prepare)
+               else "prepare it with data/text/prepare.py (see README)")
+        raise UsageError(f"dataset '{dataset}' is missing {', '.join(missing)} in {data_dir}: {how}")
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+class Batch:
+    """x, y: (B, T) int64 on the device; row_index: the STEM dedup of x (None for dense)."""
+
+    def __init__(self, x, y, row_index):
+        self.x, self.y, self.row_index = x, y, row_index
+
+
+class BatchLoader:
+    """Random windows of a token bin, drawn from a seeded generator so that a checkpoint
+    can store the data position and resume replays the same batches.
+    The dedup (unique ids + inverse) is done here, on the CPU copy the loader already
+    holds: a torch.unique on the GPU would force a host sync every step."""
+
+    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index):
+        self.data = np.memmap(path, dtype=dtype, mode="r")
+        if len(self.data) <= block_size + 1:
+            raise UsageError(f"{path} has {len(self.data)} tokens, fewer than block_size + 2")
+        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
+        self.device, self.with_row_index = device, with_row_index
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        ix = torch.randint(len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        window = torch.from_numpy(np.stack([self.data[i:i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64))
+        x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
+        row_index = stem.RowIndex.of(x) if self.with_row_index else None
+        stem.check_ids(row_index.unique_ids if row_index else x, self.vocab_size)
+        if self.device.startswith("cuda"):
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            if row_index is not None:
+                row_index = stem.RowIndex(row_index.unique_ids.pin_memory(), row_index.inverse.pin_memory())
+                row_index = row_index.to(self.device, non_blocking=True)
+        return Batch(x, y, row_index)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+# -----------------------------------------------------------------------------
+# optimiser and schedule
+
+def configure_optimizer(model, tc, device):
+    """AdamW with three groups: backbone matrices (decayed), norms (not decayed), and the
+    STEM tables (their own lr multiplier and decay; defaults follow the paper: the same as
+    the backbone, dense gradients, so every row decays every step)."""
+    table_params = [model.tables.weight] if model.tables is not None else []
+    table_ids = {id(p) for p in table_params}
+    backbone = [p for p in model.parameters() if id(p) not in table_ids]
+    groups = [
+        {"params": [p for p in backbone if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_mult": 1.0},
+        {"params": [p for p in backbone if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
+    ]
+    if table_params:
+        table_decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
+        groups.append({"params": table_params, "weight_decay": table_decay, "lr_mult": tc.table_lr_mult})
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=fused)
+
+
+def lr_at(it, tc):
+    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
+    decay_iters = tc.lr_decay_iters or tc.max_iters
+    if it < tc.warmup_iters:
+        return tc.learning_rate * (it + 1) / (tc.warmup_iters + 1)
+    if it >= decay_iters:
+        return tc.learning_rate * tc.min_lr_ratio
+    progress = (it - tc.warmup_iters) / max(1, decay_iters - tc.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return tc.learning_rate * (tc.min_lr_ratio + coeff * (1 - tc.min_lr_ratio))
+
+
+def clip_grads(model, tc):
+    """Clip the backbone and the tables on separate global norms; return both norms."""
+    table_ids = {id(model.tables.weight)} if model.tables is not None else set()
+    backbone = [p for p in model.parameters() if id(p) not in table_ids and p.grad is not None]
+    tables = [p for p in model.parameters() if id(p) in table_ids and p.grad is not None]
+    table_clip = tc.grad_clip if tc.table_grad_clip < 0 else tc.table_grad_clip
+    norms = []
+    for params, max_norm in ((backbone, tc.grad_clip), (tables, table_clip)):
+        if not params:
+            norms.append(None)
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    return norms
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(state, path):
+    """Write to a temp file, flush it to disk, then rename over the old checkpoint: a crash
+    mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+@torch.no_grad()
+def estimate_loss(model, loaders, eval_iters, ctx):
+    """Mean loss over eval_iters batches per split, always the same batches (the eval
+    loaders are reseeded), so evals are comparable and do not disturb training's data."""
+    model.eval()
+    out = {}
+    for split, loader in loaders.items():
+        loader.generator.manual_seed(12345)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            b = loader.next()
+            with ctx:
+                losses[k] = model(b.x, b.y, b.row_index)[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def train(tc, model_overrides):
+    """Run training as configured; return a summary dict (final losses, iterations)."""
+    device, dtype = resolve_device(tc.device, tc.dtype)
+    meta = load_meta(tc.dataset)
+    data_dir = data_dir_of(tc.dataset)
+    os.makedirs(tc.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+
+    checkpoint = None
+    if tc.init_from == "resume":
+        if not os.path.exists(ckpt_path):
+            raise UsageError(f"init_from=resume but {ckpt_path} does not exist")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        conflicts = {k: v for k, v in model_overrides.items() if checkpoint["model_config"].get(k) != v}
+        if conflicts:
+            raise UsageError(f"cannot change model keys on resume: {conflicts}")
+        config = GPTConfig(**checkpoint["model_config"])
+    elif tc.init_from == "scratch":
+        model_overrides.setdefault("vocab_size", meta["vocab_size"])
+        try:
+            config = GPTConfig(**model_overrides)
+        except ValueError as e:   # GPTConfig's own checks of the user's values
+            raise UsageError(str(e)) from None
+    else:
+        raise UsageError(f"init_from must be scratch or resume, got '{tc.init_from}'")
+    if config.vocab_size < meta["vocab_size"]:
+        raise UsageError(f"vocab_size {config.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
+
+    torch.manual_seed(tc.seed)
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, tc, device)
+    loader_args = dict(dtype=meta["dtype"], batch_size=tc.batch_size, block_size=config.block_size,
+                       vocab_size=config.vocab_size, device=device, with_row_index=model.tables is not None)
+    train_loader = BatchLoader(os.path.join(data_dir, "train.bin"), seed=tc.seed, **loader_args)
+    eval_loaders = {split: BatchLoader(os.path.join(data_dir, f"{split}.bin"), seed=0, **loader_args)
+                    for split in ("train", "val")}
+    iter_num, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        del checkpoint
+    with open(os.path.join(data_dir, meta["tokenizer"])) as f:
+        tokenizer_json = f.read()
+
+    total_params, active_params = model.num_params()
+    print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
+          f"{model.flops_per_token() / 1e6:.2f} MFLOPs/token forward, STEM layers {list(config.stem_layer_ids)}")
+    raw_model = model
+    if tc.compile:
+        model = torch.compile(model)
+    ctx = autocast_context(device, dtype)
+    log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
+    tokens_per_iter = tc.batch_size * tc.grad_accum_steps * config.block_size
+
+    def checkpoint_now():
+        save_checkpoint({
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": asdict(config), "train_config": asdict(tc), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "rng": rng_state(), "data": train_loader.state_dict(),
+            "meta": meta, "tokenizer_json": tokenizer_json,
+        }, ckpt_path)
+
+    def evaluate():
+        nonlocal best_val_loss
+        losses = estimate_loss(model, eval_loaders, tc.eval_iters, ctx)
+        log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+        log.flush()
+        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        return losses, improved
+
+    pbar = tqdm(total=tc.max_iters, initial=iter_num, desc="train", dynamic_ncols=True)
+    losses = {}
+    t0 = time.perf_counter()
+    while iter_num < tc.max_iters:
+        if iter_num % tc.eval_interval == 0 and iter_num > 0:
+            losses, improved = evaluate()
+            if improved or tc.always_save_checkpoint:
+                checkpoint_now()
+        lr = lr_at(iter_num, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        for _ in range(tc.grad_accum_steps):
+            batch = train_loader.next()
+            with ctx:
+                _, loss = model(batch.x, batch.y, batch.row_index)
+            (loss / tc.grad_accum_steps).backward()
+        grad_norm, table_grad_norm = clip_grads(raw_model, tc)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        pbar.update(1)
+        if iter_num % tc.log_interval == 0 or iter_num == tc.max_iters:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / tc.log_interval
+            t0 = time.perf_counter()
+            tokens_per_sec = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
+            record = {"iter": iter_num, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                      "table_grad_norm": None if table_grad_norm is None else float(table_grad_norm),
+                      "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                             mfu="-" if mfu is None else f"{100 * mfu:.1f}%")
+    pbar.close()
+    losses, _ = evaluate()
+    checkpoint_now()
+    log.close()
+    return {"iter_num": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+            "ckpt_path": ckpt_path}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        train_overrides, model_overrides = split_overrides(parse_overrides(argv, TrainConfig, GPTConfig))
+        return train(TrainConfig(**train_overrides), model_overrides)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
