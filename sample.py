@@ -42,6 +42,8 @@ def load_checkpoint(path, device="cpu"):
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
+    if checkpoint["tokenizer_json"] is None:
+        raise train.UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
     model.eos_id = checkpoint["meta"]["eos_id"]
     return model.to(device).eval(), Tokenizer.from_str(checkpoint["tokenizer_json"])
 

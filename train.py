@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -74,15 +75,15 @@ class UsageError(Exception):
 def parse_overrides(argv, *config_classes):
     """Read config files and --key=value flags into {key: value}, checked against the
     fields of the given dataclasses. Later arguments win."""
-    types = {f.name: f.type for cls in config_classes for f in fields(cls)}
+    field_types = {f.name: f.type for cls in config_classes for f in fields(cls)}
     overrides = {}
 
     def set_value(key, value, source):
-        if key not in types:
-            close = difflib.get_close_matches(key, types, n=1)
+        if key not in field_types:
+            close = difflib.get_close_matches(key, field_types, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UsageError(f"unknown config key '{key}' in {source}{hint}")
-        overrides[key] = convert(key, value, types[key], source)
+        overrides[key] = convert(key, value, field_types[key], source)
 
     for arg in argv:
         if arg.startswith("--"):
@@ -94,9 +95,9 @@ def parse_overrides(argv, *config_classes):
             if not os.path.isfile(arg):
                 raise UsageError(f"config file '{arg}' not found")
             namespace = {}
-            exec(open(arg).read(), {}, namespace)
+            exec(open(arg).read(), {"__file__": arg}, namespace)
             for key, value in namespace.items():
-                if not key.startswith("_"):
+                if not key.startswith("_") and not isinstance(value, types.ModuleType):
                     set_value(key, value, arg)
     return overrides
 
@@ -180,7 +181,7 @@ class BatchLoader:
     holds: a torch.unique on the GPU would force a host sync every step."""
 
     def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index):
-        self.data = np.memmap(path, dtype=dtype, mode="r")
+        self.path, self.data = path, np.memmap(path, dtype=dtype, mode="r")
         if len(self.data) <= block_size + 1:
             raise UsageError(f"{path} has {len(self.data)} tokens, fewer than block_size + 2")
         self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
@@ -192,7 +193,10 @@ class BatchLoader:
         window = torch.from_numpy(np.stack([self.data[i:i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64))
         x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
         row_index = stem.RowIndex.of(x) if self.with_row_index else None
-        stem.check_ids(row_index.unique_ids if row_index else x, self.vocab_size)
+        try:
+            stem.check_ids(row_index.unique_ids if row_index else x, self.vocab_size)
+        except ValueError as e:
+            raise UsageError(f"{self.path}: {e}; was the data prepared with another tokenizer?") from None
         if self.device.startswith("cuda"):
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
             if row_index is not None:
@@ -348,8 +352,10 @@ def train(tc, model_overrides):
         set_rng_state(checkpoint["rng"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         del checkpoint
-    with open(os.path.join(data_dir, meta["tokenizer"])) as f:
-        tokenizer_json = f.read()
+    tokenizer_json = None   # stored in the checkpoint so that sampling needs no data folder
+    if meta.get("tokenizer"):
+        with open(os.path.join(data_dir, meta["tokenizer"])) as f:
+            tokenizer_json = f.read()
 
     total_params, active_params = model.num_params()
     print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
