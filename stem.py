@@ -62,18 +62,20 @@ def check_ids(ids, vocab_size):
 @dataclass
 class RowIndex:
     """The dedup of a batch: unique_ids (U,) sorted, inverse (B, T) with
-    unique_ids[inverse] == idx. Computed where the batch already is on the CPU."""
+    unique_ids[inverse] == idx, counts (U,) occurrences of each id (None if unknown).
+    Computed where the batch already is on the CPU."""
     unique_ids: torch.Tensor
     inverse: torch.Tensor
+    counts: torch.Tensor = None
 
     @staticmethod
     def of(idx):
-        unique_ids, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        return RowIndex(unique_ids, inverse)
+        unique_ids, inverse, counts = torch.unique(idx, sorted=True, return_inverse=True, return_counts=True)
+        return RowIndex(unique_ids, inverse, counts)
 
     def to(self, device, non_blocking=False):
         return RowIndex(self.unique_ids.to(device, non_blocking=non_blocking),
-                        self.inverse.to(device, non_blocking=non_blocking))
+                        self.inverse.to(device, non_blocking=non_blocking), self.counts)
 
 
 class StemRows:

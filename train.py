@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import offload
 import stem
 from model import GPT, GPTConfig
 
@@ -58,6 +59,9 @@ class TrainConfig:
     table_lr_mult: float = 1.0
     table_weight_decay: float = -1.0
     table_grad_clip: float = -1.0   # tables are clipped on their own norm, as in the paper
+    table_optimizer: str = "adamw"  # adamw (dense, the paper's) | lazy_adamw (only touched rows move)
+    tables: str = "resident"        # resident (on the device) | offload (host memory + device LFU cache)
+    table_cache_fraction: float = 0.1   # offload: device cache rows as a fraction of the vocabulary
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
@@ -168,31 +172,46 @@ def load_meta(dataset):
 
 
 class Batch:
-    """x, y: (B, T) int64 on the device; row_index: the STEM dedup of x (None for dense)."""
+    """x, y: (B, T) int64 on the device; row_index: the STEM dedup of x on the device and
+    row_index_cpu the same on the host (None for dense)."""
 
-    def __init__(self, x, y, row_index):
-        self.x, self.y, self.row_index = x, y, row_index
+    def __init__(self, x, y, row_index, row_index_cpu):
+        self.x, self.y, self.row_index, self.row_index_cpu = x, y, row_index, row_index_cpu
 
 
 class BatchLoader:
     """Random windows of a token bin, drawn from a seeded generator so that a checkpoint
     can store the data position and resume replays the same batches.
     The dedup (unique ids + inverse) is done here, on the CPU copy the loader already
-    holds: a torch.unique on the GPU would force a host sync every step."""
+    holds: a torch.unique on the GPU would force a host sync every step.
+    With lookahead, each batch is drawn one call early and handed to on_draw (offloaded
+    tables prefetch its rows while the current batch computes)."""
 
-    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index):
+    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index,
+                 lookahead=False, on_draw=None):
         self.path, self.data = path, np.memmap(path, dtype=dtype, mode="r")
         if len(self.data) <= block_size + 1:
             raise UsageError(f"{path} has {len(self.data)} tokens, fewer than block_size + 2")
         self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
         self.device, self.with_row_index = device, with_row_index
         self.generator = torch.Generator().manual_seed(seed)
+        self.lookahead, self.on_draw = lookahead, on_draw
+        self.pending, self.pending_state = None, None   # the batch drawn early, and the state before it
 
     def next(self):
+        if not self.lookahead:
+            return self._draw()
+        if self.pending is None:
+            self.pending_state, self.pending = self.generator.get_state(), self._draw()
+        batch = self.pending
+        self.pending_state, self.pending = self.generator.get_state(), self._draw()
+        return batch
+
+    def _draw(self):
         ix = torch.randint(len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
         window = torch.from_numpy(np.stack([self.data[i:i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64))
         x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
-        row_index = stem.RowIndex.of(x) if self.with_row_index else None
+        row_index = row_index_cpu = stem.RowIndex.of(x) if self.with_row_index else None
         try:
             stem.check_ids(row_index.unique_ids if row_index else x, self.vocab_size)
         except ValueError as e:
@@ -202,13 +221,18 @@ class BatchLoader:
             if row_index is not None:
                 row_index = stem.RowIndex(row_index.unique_ids.pin_memory(), row_index.inverse.pin_memory())
                 row_index = row_index.to(self.device, non_blocking=True)
-        return Batch(x, y, row_index)
+        batch = Batch(x, y, row_index, row_index_cpu)
+        if self.on_draw is not None:
+            self.on_draw(batch)
+        return batch
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        """The data position: the generator state before any batch not yet handed out."""
+        return {"generator": self.pending_state if self.pending is not None else self.generator.get_state()}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self.pending = None
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +242,7 @@ def configure_optimizer(model, tc, device):
     """AdamW with three groups: backbone matrices (decayed), norms (not decayed), and the
     STEM tables (their own lr multiplier and decay; defaults follow the paper: the same as
     the backbone, dense gradients, so every row decays every step)."""
-    table_params = [model.tables.weight] if model.tables is not None else []
+    table_params = [model.tables.weight] if isinstance(model.tables, stem.ResidentTables) else []
     table_ids = {id(p) for p in table_params}
     backbone = [p for p in model.parameters() if id(p) not in table_ids]
     groups = [
@@ -244,12 +268,47 @@ def lr_at(it, tc):
     return tc.learning_rate * (tc.min_lr_ratio + coeff * (1 - tc.min_lr_ratio))
 
 
+def table_clip_of(tc):
+    return tc.grad_clip if tc.table_grad_clip < 0 else tc.table_grad_clip
+
+
+def use_table_options(model, tc, config, device):
+    """Apply tables= and table_optimizer=: with lazy_adamw the tables become
+    offload.SparseTables (resident, or offloaded with an LFU cache). True if so."""
+    if tc.table_optimizer not in ("adamw", "lazy_adamw"):
+        raise UsageError(f"table_optimizer must be adamw or lazy_adamw, got '{tc.table_optimizer}'")
+    if tc.tables not in ("resident", "offload"):
+        raise UsageError(f"tables must be resident or offload, got '{tc.tables}'")
+    if tc.tables == "offload" and tc.table_optimizer != "lazy_adamw":
+        raise UsageError("tables=offload needs table_optimizer=lazy_adamw: dense AdamW would touch every "
+                         "host row every step")
+    if model.tables is None or tc.table_optimizer == "adamw":
+        return False
+    decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
+    lazy = offload.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay)
+    cache_rows = transient_rows = None
+    if tc.tables == "offload":
+        cache_rows = max(1, int(tc.table_cache_fraction * config.vocab_size))
+        # batches in flight: grad_accum_steps looked up before the step, plus one prefetched
+        transient_rows = (tc.grad_accum_steps + 1) * min(tc.batch_size * config.block_size, config.vocab_size)
+    offload.use_sparse_tables(model, device, cache_rows, transient_rows or 0, training=True, optimizer=lazy)
+    return True
+
+
+def table_optimizer_state(model):
+    """Lazy AdamW's moments (the host tensors themselves when offloaded: no second copy)."""
+    if not isinstance(model.tables, offload.SparseTables):
+        return None
+    moments = {k: v for k, v in model.tables.tensors().items() if k != "weight"}
+    return {"moments": moments, "step_count": model.tables.optimizer.step_count}
+
+
 def clip_grads(model, tc):
     """Clip the backbone and the tables on separate global norms; return both norms."""
-    table_ids = {id(model.tables.weight)} if model.tables is not None else set()
+    table_ids = {id(model.tables.weight)} if isinstance(model.tables, stem.ResidentTables) else set()
     backbone = [p for p in model.parameters() if id(p) not in table_ids and p.grad is not None]
     tables = [p for p in model.parameters() if id(p) in table_ids and p.grad is not None]
-    table_clip = tc.grad_clip if tc.table_grad_clip < 0 else tc.table_grad_clip
+    table_clip = table_clip_of(tc)
     norms = []
     for params, max_norm in ((backbone, tc.grad_clip), (tables, table_clip)):
         if not params:
@@ -338,16 +397,22 @@ def train(tc, model_overrides):
 
     torch.manual_seed(tc.seed)
     model = GPT(config).to(device)
+    sparse = use_table_options(model, tc, config, device)
     optimizer = configure_optimizer(model, tc, device)
     loader_args = dict(dtype=meta["dtype"], batch_size=tc.batch_size, block_size=config.block_size,
                        vocab_size=config.vocab_size, device=device, with_row_index=model.tables is not None)
-    train_loader = BatchLoader(os.path.join(data_dir, "train.bin"), seed=tc.seed, **loader_args)
+    on_draw = (lambda b: model.tables.prepare(b.row_index_cpu, key=b.row_index.unique_ids)) if sparse else None
+    train_loader = BatchLoader(os.path.join(data_dir, "train.bin"), seed=tc.seed, lookahead=sparse,
+                               on_draw=on_draw, **loader_args)
     eval_loaders = {split: BatchLoader(os.path.join(data_dir, f"{split}.bin"), seed=0, **loader_args)
                     for split in ("train", "val")}
     iter_num, best_val_loss = 0, float("inf")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if sparse:
+            model.tables.load_tensors(checkpoint["table_optimizer"]["moments"])
+            model.tables.optimizer.step_count = checkpoint["table_optimizer"]["step_count"]
         train_loader.load_state_dict(checkpoint["data"])
         set_rng_state(checkpoint["rng"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -372,7 +437,7 @@ def train(tc, model_overrides):
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": asdict(config), "train_config": asdict(tc), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "rng": rng_state(), "data": train_loader.state_dict(),
-            "meta": meta, "tokenizer_json": tokenizer_json,
+            "meta": meta, "tokenizer_json": tokenizer_json, "table_optimizer": table_optimizer_state(raw_model),
         }, ckpt_path)
 
     def evaluate():
@@ -402,6 +467,8 @@ def train(tc, model_overrides):
                 _, loss = model(batch.x, batch.y, batch.row_index)
             (loss / tc.grad_accum_steps).backward()
         grad_norm, table_grad_norm = clip_grads(raw_model, tc)
+        if sparse:
+            table_grad_norm = raw_model.tables.step(lr * tc.table_lr_mult, table_clip_of(tc))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1

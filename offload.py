@@ -1,0 +1,399 @@
+"""
+STEM tables for the lazy optimiser, resident on the device or offloaded to host memory.
+
+A table is (vocab, n_stem, d_ff): at vocab 50k and 23 STEM layers of d_ff 2816 that is
+3.3B parameters, too big to sit next to the backbone on one card. `SparseTables` keeps
+the rows the model reads in a device *pool* and maps token ids to pool slots with a
+device tensor `slot_of_id`, so the model's lookup is one gather and never syncs:
+
+    resident:   pool = the whole table, slot_of_id = identity
+    offloaded:  pool = an LFU cache of `cache_rows` slots filled from a host table
+
+Both train with the same lazy AdamW (only the rows a step touched update their weights
+and moments) and the same gradient path, so they agree step for step; they differ only
+in where rows come from. Dense AdamW over all rows (the paper's optimiser) stays with
+stem.ResidentTables and torch.optim.AdamW.
+
+Offloaded, per batch (`prepare`, ids known on the CPU before the batch runs):
+  1. LFU plan on the CPU: hits keep their slots, each miss takes the least-frequent slot
+     not used by a batch in flight (write-back of the evicted row in training).
+  2. Gather the missing rows from the host table into a pinned staging buffer (one
+     vectorised index_select; double-buffered, each reuse gated by its copy's event).
+  3. On a side CUDA stream: write back evicted rows (D2H), copy the staged rows (H2D)
+     into their slots, update slot_of_id; record an event that the compute stream waits
+     on before the batch's lookup. Without CUDA the same steps run in order on the CPU.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def pinned_empty(shape, dtype, pin):
+    """A host tensor, page-locked when pin is set. cudaHostRegister on an ordinary
+    allocation pins exactly its size; pin_memory() goes through the caching host
+    allocator, which rounds large requests up to a power of two (up to 2x the memory)."""
+    t = torch.empty(shape, dtype=dtype)
+    if pin and t.numel():
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({err}) for {t.numel() * t.element_size() / 2**30:.1f} GiB")
+    return t
+
+
+class LFUCache:
+    """Which token id sits in which device slot: CPU bookkeeping, vectorised with numpy.
+
+    Slots [0, n_cached) are the LFU cache; slots [n_cached, n_cached + n_transient) hold,
+    for the batches in flight only, the rows of misses that were not admitted. An id held
+    anywhere is a hit (also a transient one still in flight: reading it from the host
+    would miss the update its batch is about to make). A miss is admitted when its
+    frequency beats the least-frequent cached slot that no batch in flight holds (an
+    empty slot always loses); otherwise it borrows a transient slot, freed (and, in
+    training, written back) when its last batch releases it. Frequencies count tokens."""
+
+    def __init__(self, vocab_size, n_cached, n_transient):
+        self.n_cached = n_cached
+        self.slot_of_id = np.full(vocab_size, -1, dtype=np.int64)
+        self.id_of_slot = np.full(n_cached + n_transient, -1, dtype=np.int64)
+        self.freq = np.zeros(vocab_size, dtype=np.int64)
+        self.locks = np.zeros(n_cached + n_transient, dtype=np.int64)   # batches in flight per slot
+        self.stats = dict(tokens=0, token_hits=0, unique=0, unique_misses=0, evictions=0)
+
+    def plan(self, unique_ids, counts):
+        """Slots for unique_ids (U,) that occur counts (U,) times. Returns (slots,
+        miss_ids, miss_slots, evicted_ids, evicted_slots), numpy int64; evicted rows must
+        be written back (in training) before miss rows overwrite their slots."""
+        self.freq[unique_ids] += counts
+        slots = self.slot_of_id[unique_ids].copy()
+        hit = slots >= 0
+        self.locks[slots[hit]] += 1
+        miss_ids = unique_ids[~hit]
+        miss_ids = miss_ids[np.argsort(-self.freq[miss_ids], kind="stable")]    # hottest first
+        # admission: pair the k-th hottest miss with the k-th coldest unlocked cached slot;
+        # misses descend and victims ascend in frequency, so the admitted ones are a prefix
+        free = np.flatnonzero(self.locks[:self.n_cached] == 0)
+        occupant = self.id_of_slot[free]
+        victim_freq = np.where(occupant < 0, -1, self.freq[np.maximum(occupant, 0)])
+        order = np.argsort(victim_freq, kind="stable")[:len(miss_ids)]
+        victims, victim_freq = free[order], victim_freq[order]
+        n_admit = int(np.argmin(np.append(self.freq[miss_ids[:len(victims)]] > victim_freq, False)))
+        transient_free = self.n_cached + np.flatnonzero(self.id_of_slot[self.n_cached:] < 0)
+        n_transient = len(miss_ids) - n_admit
+        if n_transient > len(transient_free):
+            self.locks[slots[hit]] -= 1
+            raise RuntimeError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
+                               f"batches in flight ({n_transient} not admitted, {len(transient_free)} transient "
+                               f"slots free); raise transient_rows")
+        miss_slots = np.concatenate([victims[:n_admit], transient_free[:n_transient]])
+        evicted_ids = self.id_of_slot[victims[:n_admit]]
+        evicted_slots = victims[:n_admit][evicted_ids >= 0]
+        evicted_ids = evicted_ids[evicted_ids >= 0]
+        self.slot_of_id[evicted_ids] = -1
+        self.slot_of_id[miss_ids] = miss_slots
+        self.id_of_slot[miss_slots] = miss_ids
+        self.locks[miss_slots] += 1
+        slots[~hit] = self.slot_of_id[unique_ids[~hit]]
+        s = self.stats
+        s["tokens"] += int(counts.sum()); s["token_hits"] += int(counts[hit].sum())
+        s["unique"] += len(unique_ids); s["unique_misses"] += len(miss_ids); s["evictions"] += len(evicted_ids)
+        return slots, miss_ids, miss_slots, evicted_ids, evicted_slots
+
+    def release(self, slots):
+        """A batch is done with its slots. Returns (ids, slots) of transient rows no batch
+        holds any more: they leave the device (written back first, in training)."""
+        self.locks[slots] -= 1
+        done = slots[(slots >= self.n_cached) & (self.locks[slots] == 0)]
+        ids = self.id_of_slot[done]
+        self.slot_of_id[ids] = -1
+        self.id_of_slot[done] = -1
+        return ids, done
+
+
+class RowGather(torch.autograd.Function):
+    """rows = pool[slots]; the backward adds the rows' gradient into grad_pool[slots]
+    instead of making a pool-sized gradient per micro-batch."""
+
+    @staticmethod
+    def forward(ctx, anchor, pool, slots, grad_pool):
+        # anchor: an empty tensor that requires grad, so that autograd calls backward;
+        # the pool itself is a plain tensor (it is updated in place by the optimiser)
+        ctx.save_for_backward(slots)
+        ctx.grad_pool = grad_pool
+        return pool[slots]                                      # (U, n_stem, d_ff)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (slots,) = ctx.saved_tensors
+        ctx.grad_pool.index_add_(0, slots, grad_rows.to(ctx.grad_pool.dtype))
+        return None, None, None, None
+
+
+class LazyAdamW:
+    """AdamW restricted to given rows, in torch.optim.AdamW's arithmetic, so that a row
+    touched at every step follows dense AdamW exactly; untouched rows do not move (no
+    decay, no moment decay). Bias correction uses the global step."""
+
+    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.step_count = 0
+
+    def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr):
+        """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...)."""
+        self.step_count += 1
+        w, m, v = weight[slots], exp_avg[slots], exp_avg_sq[slots]
+        w.mul_(1 - lr * self.weight_decay)
+        m.lerp_(grad, 1 - self.beta1)
+        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        bias1 = 1 - self.beta1 ** self.step_count
+        bias2 = 1 - self.beta2 ** self.step_count
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+        w.addcdiv_(m, denom, value=-lr / bias1)
+        weight[slots], exp_avg[slots], exp_avg_sq[slots] = w, m, v
+
+
+class SparseTables(nn.Module):
+    """A table source (lookup(unique_ids) -> rows) trained by lazy AdamW.
+    cache_rows=None keeps the whole table on the device. An int keeps the table in host
+    memory, `cache_rows` LFU rows on the device, plus `transient_rows` slots for the rows
+    of batches in flight that the cache did not admit (enough for the unique ids of every
+    batch prepared or looked up but not yet stepped: with lookahead and gradient
+    accumulation that is grad_accum_steps + 1 batches)."""
+
+    def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
+                 dtype=torch.float32, optimizer=None):
+        super().__init__()
+        vocab_size, n_stem, d_ff = weight.shape
+        self.device, self.training_tables = torch.device(device), training
+        self.optimizer = optimizer or LazyAdamW()
+        self.offloaded = cache_rows is not None
+        cuda = self.device.type == "cuda"
+        dtype = torch.float32 if training else dtype
+        names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
+        if self.offloaded:
+            cache_rows = min(cache_rows, vocab_size)
+            self.host = {name: pinned_empty(weight.shape, dtype, cuda) for name in names}
+            self.host["weight"].copy_(weight)
+            for name in names[1:]:
+                self.host[name].zero_()
+            n_slots = cache_rows + transient_rows
+            self.pool = {name: torch.zeros(n_slots, n_stem, d_ff, dtype=dtype, device=device) for name in names}
+            self.slot_of_id = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+            self.cache = LFUCache(vocab_size, cache_rows, transient_rows)
+        else:
+            self.pool = {"weight": weight.detach().to(device=device, dtype=dtype).clone()}
+            for name in names[1:]:
+                self.pool[name] = torch.zeros_like(self.pool["weight"])
+            self.slot_of_id = torch.arange(vocab_size, device=device)
+            self.cache = None
+        self.grad_pool = torch.zeros_like(self.pool["weight"]) if training else None
+        self.grad_anchor = torch.empty(0, device=device, requires_grad=True)
+        self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size() * len(names)
+        self.bytes_h2d = self.bytes_d2h = 0
+        self.prepared = {}                 # plans of batches prepared, not yet looked up, by key
+        self.in_flight = []                # plans looked up, awaiting step() / release()
+        self.pending_writeback = []        # (ids, staged rows, event) not yet scattered to the host
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda and self.offloaded else None
+        self.staging = [None, None]        # double-buffered pinned staging: (buffers, copy event)
+        self.staging_turn = 0
+
+    def numel(self):
+        return math.prod((self.host if self.offloaded else self.pool)["weight"].shape)
+
+    def _side_stream(self):
+        """Context for copies: the side stream, after all work queued so far on the compute
+        stream (which may still read or update the slots about to be overwritten)."""
+        if self.copy_stream is None:
+            return _null()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.copy_stream)
+
+    def _record(self):
+        if self.copy_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.copy_stream)
+        return event
+
+    # -- bringing rows in and out --------------------------------------------------
+
+    def prepare(self, row_index, key=None):
+        """Make the rows of a batch available to a later lookup; asynchronous on CUDA.
+        row_index: the batch's stem.RowIndex on the CPU (unique ids and their counts).
+        key: the unique_ids tensor the model will pass to lookup (the device copy);
+        defaults to row_index.unique_ids."""
+        counts = row_index.counts if row_index.counts is not None else torch.ones_like(row_index.unique_ids)
+        key = row_index.unique_ids if key is None else key
+        self.prepared[id(key)] = dict(self._plan(row_index.unique_ids.numpy(), counts.numpy()), key=key)
+
+    def _plan(self, ids, counts):
+        if not self.offloaded:
+            return {"slots": ids, "ready": None}
+        self._finish_writeback()              # the host must be current before it is read
+        slots, miss_ids, miss_slots, evicted_ids, evicted_slots = self.cache.plan(ids, counts)
+        with self._side_stream():
+            if self.training_tables and len(evicted_ids):
+                self._start_writeback(evicted_ids, evicted_slots)
+            if len(miss_ids):
+                self._load_rows(miss_ids, miss_slots)
+            ready = self._record()
+        return {"slots": slots, "ready": ready}
+
+    def _start_writeback(self, ids, slots):
+        """Copy rows (weights and moments together) back towards the host; the scatter into
+        the host tables happens before the next plan reads them (_finish_writeback)."""
+        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        staged = {}
+        for name, pool in self.pool.items():
+            rows = pool[slots_dev]                                              # (K, n_stem, d_ff)
+            if self.copy_stream is not None:
+                host_rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                rows = host_rows.copy_(rows, non_blocking=True)
+            staged[name] = rows
+        self.pending_writeback.append((torch.from_numpy(ids), staged, self._record()))
+        self.bytes_d2h += len(ids) * self.row_bytes
+
+    def _finish_writeback(self):
+        for ids, staged, event in self.pending_writeback:
+            if event is not None:
+                event.synchronize()     # queued a step ago: complete in the steady state
+            for name, rows in staged.items():
+                self.host[name].index_copy_(0, ids, rows)
+        self.pending_writeback = []
+
+    def _load_rows(self, ids, slots):
+        """Host rows of `ids` into device `slots`, through a pinned staging buffer."""
+        ids_cpu = torch.from_numpy(ids)
+        turn, self.staging_turn = self.staging_turn, 1 - self.staging_turn
+        if self.staging[turn] is not None and self.staging[turn][1] is not None:
+            self.staging[turn][1].synchronize()          # its copy, two batches ago, is done
+        pin = self.copy_stream is not None
+        staged = {}
+        for name, host in self.host.items():
+            buffer = torch.empty((len(ids),) + host.shape[1:], dtype=host.dtype, pin_memory=pin)
+            staged[name] = torch.index_select(host, 0, ids_cpu, out=buffer)   # one vectorised gather
+        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        for name, buffer in staged.items():
+            self.pool[name].index_copy_(0, slots_dev, buffer.to(self.device, non_blocking=True))
+        self.slot_of_id[ids_cpu.to(self.device, non_blocking=True)] = slots_dev
+        self.staging[turn] = (staged, self._record())
+        self.bytes_h2d += len(ids) * self.row_bytes
+
+    # -- the table-source interface ---------------------------------------------------
+
+    def lookup(self, unique_ids):
+        """(U,) device ids -> (U, n_stem, d_ff) rows. Uses the plan prepared for these ids;
+        with none (eval, generation) it plans them now, which reads the ids on the host
+        (a sync: fine off the training hot path)."""
+        plan = self.prepared.pop(id(unique_ids), None)
+        if plan is None:
+            ids = unique_ids.cpu().numpy()
+            plan = self._plan(ids, np.ones_like(ids))
+        if plan["ready"] is not None:
+            torch.cuda.current_stream(self.device).wait_event(plan["ready"])
+        self.in_flight.append(plan)
+        slots = self.slot_of_id[unique_ids]
+        if self.training_tables and torch.is_grad_enabled():
+            return RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
+        rows = self.pool["weight"][slots]
+        self.release()   # nothing will write these rows; later copies wait for this gather
+        return rows
+
+    def release(self):
+        """The batches looked up are done: unlock their slots; transient rows leave."""
+        if self.cache is not None:
+            for plan in self.in_flight:
+                ids, slots = self.cache.release(plan["slots"])
+                if len(ids):
+                    with self._side_stream():
+                        if self.training_tables:
+                            self._start_writeback(ids, slots)
+                        self.slot_of_id[torch.from_numpy(ids).to(self.device, non_blocking=True)] = -1
+        self.in_flight = []
+
+    @torch.no_grad()
+    def step(self, lr, max_norm=0.0):
+        """Clip the touched rows' gradient on its own norm, apply lazy AdamW to those rows,
+        clear their gradient, release their slots. Returns the gradient norm (a tensor)."""
+        if not self.in_flight:
+            return None
+        slots = np.unique(np.concatenate([plan["slots"] for plan in self.in_flight]))
+        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        grad = self.grad_pool[slots_dev]                                        # (K, n_stem, d_ff)
+        norm = grad.norm()
+        if max_norm > 0:
+            grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr)
+        self.grad_pool[slots_dev] = 0
+        self.release()
+        return norm
+
+    # -- checkpoints and stats ----------------------------------------------------
+
+    def flush(self):
+        """Write every row on the device back to the host so the host tables are complete."""
+        if not self.offloaded:
+            return
+        if self.copy_stream is not None:
+            torch.cuda.synchronize(self.device)
+        self._finish_writeback()
+        if self.training_tables:
+            slots = np.flatnonzero(self.cache.id_of_slot >= 0)
+            ids = torch.from_numpy(self.cache.id_of_slot[slots])
+            slots_dev = torch.from_numpy(slots).to(self.device)
+            for name, host in self.host.items():
+                host.index_copy_(0, ids, self.pool[name][slots_dev].cpu())
+
+    def tensors(self):
+        """The complete tables (and moments), without a second copy of the host tables."""
+        self.flush()
+        return self.host if self.offloaded else self.pool
+
+    def load_tensors(self, state):
+        """Load weights (and moments, where given) from a tensors() dict."""
+        target = self.host if self.offloaded else self.pool
+        for name, value in state.items():
+            if name in target:
+                target[name].copy_(value)
+        if self.offloaded:      # the host rows are the truth now: forget the device copies
+            self.cache = LFUCache(len(self.cache.slot_of_id), self.cache.n_cached,
+                                  len(self.cache.id_of_slot) - self.cache.n_cached)
+            self.slot_of_id.fill_(-1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.tensors()["weight"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if prefix + "weight" in state_dict:
+            self.load_tensors({"weight": state_dict[prefix + "weight"]})
+        elif strict:
+            missing_keys.append(prefix + "weight")
+
+    def stats(self):
+        """Tokens requested, unique ids, unique misses, hit rates, bytes moved."""
+        s = dict(self.cache.stats) if self.cache is not None else {}
+        if s:
+            s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])
+            s["unique_hit_rate"] = 1 - s["unique_misses"] / max(1, s["unique"])
+        s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h)
+        return s
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def use_sparse_tables(model, device, cache_rows=None, transient_rows=0, training=True,
+                      dtype=torch.float32, optimizer=None):
+    """Replace model.tables (stem.ResidentTables) by SparseTables holding the same rows."""
+    weight = model.tables.weight.detach().cpu()
+    model.tables = SparseTables(weight, device, cache_rows, transient_rows, training, dtype, optimizer)
+    return model.tables
