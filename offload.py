@@ -363,6 +363,30 @@ class SparseTables(nn.Module):
                                   len(self.cache.id_of_slot) - self.cache.n_cached)
             self.slot_of_id.fill_(-1)
 
+    @torch.no_grad()
+    def read_rows(self, ids):
+        """A copy of the current rows of `ids` (K, n_stem, d_ff), wherever they live."""
+        self.flush()
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if not self.offloaded:
+            return self.pool["weight"][ids.to(self.device)].clone()
+        return self.host["weight"][ids].clone()
+
+    @torch.no_grad()
+    def write_rows(self, ids, rows):
+        """Overwrite the rows of `ids`; device copies of them are updated too (so nothing
+        stale is read), and their moments stay as they are."""
+        self.flush()
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if not self.offloaded:
+            self.pool["weight"][ids.to(self.device)] = rows.to(self.pool["weight"])
+            return
+        self.host["weight"][ids] = rows.to(self.host["weight"])
+        slots = torch.from_numpy(self.cache.slot_of_id[ids.numpy()])
+        on_device = slots >= 0
+        if on_device.any():
+            self.pool["weight"][slots[on_device].to(self.device)] = rows[on_device].to(self.pool["weight"])
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.tensors()["weight"]
 

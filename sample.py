@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
+import offload
 import train
 from model import GPT, GPTConfig
 
@@ -30,6 +31,8 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+    tables: str = "resident"        # resident | offload (tables in host memory, an LFU cache on the device)
+    table_cache_fraction: float = 0.1
 
 
 def load_checkpoint(path, device="cpu"):
@@ -46,6 +49,16 @@ def load_checkpoint(path, device="cpu"):
         raise train.UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
     model.eos_id = checkpoint["meta"]["eos_id"]
     return model.to(device).eval(), Tokenizer.from_str(checkpoint["tokenizer_json"])
+
+
+def offload_for_inference(model, device, cache_fraction, batch_size=1, dtype="float32"):
+    """Move the model's STEM tables to host memory with an LFU cache of
+    cache_fraction * vocab rows on the device (rows in the compute dtype)."""
+    vocab_size = model.config.vocab_size
+    cache_rows = max(1, int(cache_fraction * vocab_size))
+    transient_rows = min(batch_size * model.config.block_size, vocab_size)   # one prefill's worth
+    return offload.use_sparse_tables(model, device, cache_rows, transient_rows, training=False,
+                                     dtype=getattr(torch, dtype))
 
 
 def encode(model, tokenizer, text):
@@ -75,6 +88,10 @@ def main(argv=None):
         sc = SampleConfig(**train.parse_overrides(argv, SampleConfig))
         device, dtype = train.resolve_device(sc.device, sc.dtype)
         model, tokenizer = load_checkpoint(sc.out_dir, device)
+        if sc.tables == "offload" and model.tables is not None:
+            offload_for_inference(model, device, sc.table_cache_fraction, sc.num_samples, dtype)
+        elif sc.tables not in ("resident", "offload"):
+            raise train.UsageError(f"tables must be resident or offload, got '{sc.tables}'")
         prompt = sc.start
         if prompt.startswith("FILE:"):
             with open(prompt[5:], encoding="utf-8") as f:

@@ -113,6 +113,15 @@ class ResidentTables(nn.Module):
     def numel(self):
         return self.weight.numel()
 
+    @torch.no_grad()
+    def read_rows(self, ids):
+        """A copy of the rows of `ids` for every layer: (K, n_stem, d_ff)."""
+        return self.weight[torch.as_tensor(ids, device=self.weight.device)].clone()
+
+    @torch.no_grad()
+    def write_rows(self, ids, rows):
+        self.weight[torch.as_tensor(ids, device=self.weight.device)] = rows.to(self.weight)
+
 
 class StemFFN(nn.Module):
     """The FFN of a STEM layer; `rows` is (B, T, d_ff), this layer's table rows U_l[t]."""
@@ -141,3 +150,69 @@ class StemFFN(nn.Module):
             g, u = self.gate(x), self.up(x)
             h = F.silu(g) * (u + rows.to(u.dtype))             # (B, T, d_ff)
         return self.down(h)                                    # (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# knowledge editing: a fact is bound to a token's rows, so it can be changed by rows
+
+def entity_ids(tokenizer, word):
+    """Token ids of `word` as it occurs in running text (with its leading space)."""
+    ids = tokenizer.encode(" " + word.strip()).ids
+    if not ids:
+        raise ValueError(f"'{word}' encodes to no tokens")
+    return ids
+
+
+class Edit:
+    """Rows overwritten by an edit, saved so that undo restores them bit for bit."""
+
+    def __init__(self, store, ids, saved):
+        self.store, self.ids, self.saved = store, ids, saved
+
+    def undo(self):
+        self.store.write_rows(self.ids, self.saved)
+
+
+def write_edit(store, ids, rows):
+    """Write rows (K, ...) for ids (K,) into a row store (tables or an embedding) and
+    return the Edit that undoes it."""
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"an edit names token ids more than once: {ids}")
+    edit = Edit(store, list(ids), store.read_rows(ids))
+    store.write_rows(ids, rows)
+    return edit
+
+
+def swap_rows(store, source_ids, target_ids):
+    """Give the source entity the target entity's rows in every STEM layer. With equal
+    token counts the i-th source token takes the i-th target row; otherwise every source
+    token takes the mean of the target's rows (the paper's rule). Returns the Edit."""
+    target = store.read_rows(target_ids)                                 # (K_t, n_stem, d_ff)
+    if len(source_ids) == len(target_ids):
+        rows = target
+    else:
+        rows = target.mean(dim=0, keepdim=True).expand(len(source_ids), *target.shape[1:])
+    return write_edit(store, source_ids, rows)
+
+
+def inject_rows(store, ids, source_ids):
+    """Write the mean of source_ids' rows into every token of ids (e.g. make a new word
+    behave like the average of known entities). Returns the Edit."""
+    mean = store.read_rows(source_ids).mean(dim=0, keepdim=True)
+    return write_edit(store, ids, mean.expand(len(ids), *mean.shape[1:]))
+
+
+class EmbeddingRows:
+    """The input embedding as a row store: the closest analogue of a swap in a dense
+    model (the control for what is specific to STEM)."""
+
+    def __init__(self, embedding):
+        self.embedding = embedding
+
+    @torch.no_grad()
+    def read_rows(self, ids):
+        return self.embedding.weight[torch.as_tensor(ids, device=self.embedding.weight.device)].clone()
+
+    @torch.no_grad()
+    def write_rows(self, ids, rows):
+        self.embedding.weight[torch.as_tensor(ids, device=self.embedding.weight.device)] = rows.to(self.embedding.weight)
