@@ -331,3 +331,19 @@ def gpu_peak_flops(device_name=None):
             return peak
     warnings.warn(f"no bf16 peak known for {device_name!r}; MFU not reported")
     return None
+
+
+if __name__ == "__main__":
+    # python model.py config/stem_350m.py [--stem_layers=half ...]: sizes and FLOPs of a config
+    import sys
+
+    import train
+    argv = sys.argv[1:]
+    train_overrides, model_overrides = train.split_overrides(train.parse_overrides(argv, train.TrainConfig, GPTConfig))
+    with torch.device("meta"):      # count without allocating 3B-parameter tables
+        model = GPT(GPTConfig(**model_overrides))
+    total, active = model.num_params()
+    flops = model.flops_per_token()
+    print(f"{' '.join(argv) or 'defaults'}: total {total / 1e6:.1f}M, active {active / 1e6:.1f}M, "
+          f"forward {flops / 1e9:.3f} GFLOPs/token (T={model.config.block_size}), "
+          f"STEM layers {len(model.config.stem_layer_ids)}/{model.config.n_layer}")
