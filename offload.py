@@ -294,25 +294,30 @@ class SparseTables(nn.Module):
             plan = self._plan(ids, np.ones_like(ids))
         if plan["ready"] is not None:
             torch.cuda.current_stream(self.device).wait_event(plan["ready"])
-        self.in_flight.append(plan)
         slots = self.slot_of_id[unique_ids]
         if self.training_tables and torch.is_grad_enabled():
+            self.in_flight.append(plan)       # its slots stay locked until step()
             return RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
         rows = self.pool["weight"][slots]
-        self.release()   # nothing will write these rows; later copies wait for this gather
+        # nothing will write these rows: free them now (later copies wait for this gather),
+        # but only this plan's, since a training batch may be waiting for its step()
+        self._release([plan])
         return rows
 
     def release(self):
         """The batches looked up are done: unlock their slots; transient rows leave."""
+        plans, self.in_flight = self.in_flight, []
+        self._release(plans)
+
+    def _release(self, plans):
         if self.cache is not None:
-            for plan in self.in_flight:
+            for plan in plans:
                 ids, slots = self.cache.release(plan["slots"])
                 if len(ids):
                     with self._side_stream():
                         if self.training_tables:
                             self._start_writeback(ids, slots)
                         self.slot_of_id[torch.from_numpy(ids).to(self.device, non_blocking=True)] = -1
-        self.in_flight = []
 
     @torch.no_grad()
     def step(self, lr, max_norm=0.0):
@@ -321,6 +326,10 @@ class SparseTables(nn.Module):
         if not self.in_flight:
             return None
         slots = np.unique(np.concatenate([plan["slots"] for plan in self.in_flight]))
+        if self.offloaded:
+            # in id order, as resident slots are: the norm's summation order (its last bits)
+            # must not depend on the cache layout, or resident and offloaded runs drift apart
+            slots = slots[np.argsort(self.cache.id_of_slot[slots])]
         slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
         grad = self.grad_pool[slots_dev]                                        # (K, n_stem, d_ff)
         norm = grad.norm()
@@ -359,6 +368,7 @@ class SparseTables(nn.Module):
             if name in target:
                 target[name].copy_(value)
         if self.offloaded:      # the host rows are the truth now: forget the device copies
+            self.pending_writeback = []         # and the stale rows on their way back
             self.cache = LFUCache(len(self.cache.slot_of_id), self.cache.n_cached,
                                   len(self.cache.id_of_slot) - self.cache.n_cached)
             self.slot_of_id.fill_(-1)
