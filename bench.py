@@ -1,16 +1,23 @@
 """
-Time training steps of a dense model and its STEM twin (same backbone) in one run.
+Measure STEM against its dense twin, and offloaded tables against resident ones.
 
-    python bench.py                                  # small CPU default, ratios only
-    python bench.py --preset=350m                    # the 350M configs on a GPU (bf16, compile)
-    python bench.py --stem_layers=half --steps=50
+    python bench.py                                  # train steps: dense, STEM resident, STEM offloaded
+    python bench.py --preset=350m --compile=True     # the 350M configs on a GPU (bf16)
+    python bench.py --mode=decode --preset=350m      # decode tokens/s: resident vs offloaded tables
+    python bench.py --mode=cache --dataset=text --batch_size=8 --block_size=1024
+                                                     # dedup and LFU hit rates of a dataset's batches
 
-Batches are synthetic token ids drawn from a Zipf distribution (natural text is roughly
-Zipfian), so the STEM dedup sees a realistic number of unique ids. The models are timed
-in alternating rounds so that drift of a shared machine hits both alike; the reported
-time is the median step. On CUDA the steps are timed with events.
+train/decode: batches are synthetic token ids drawn from a Zipf distribution (natural text
+is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. The
+runners are timed in alternating rounds so that drift of a shared machine hits them alike;
+the reported time is the median step (CUDA events on a GPU). Offloaded tables prefetch
+batch i+1 while batch i runs, as train.py does.
+cache: no model; the LFU bookkeeping of offload.py replayed on a dataset's training batch
+stream and on a decoding stream (B sequences, one token each per step), per cache size.
 """
 
+import math
+import os
 import statistics
 import sys
 import time
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import offload
 import stem
 import train
 from model import GPT, GPTConfig
@@ -32,8 +40,17 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
+    mode: str = "train"             # train | decode | cache
     preset: str = "tiny"            # tiny | 350m
     batch_size: int = 8
+    tables: str = "both"            # train/decode: resident | offload | both
+    table_cache_fraction: float = 0.1
+    new_tokens: int = 64            # decode: tokens generated per timed run
+    prompt_tokens: int = 128        # decode: prefill length
+    dataset: str = "facts"          # cache: the dataset whose batches are replayed
+    block_size: int = 0             # cache: 0 means the preset's
+    n_batches: int = 200            # cache: batches (and decode steps) replayed
+    cache_fractions: str = "0.01,0.05,0.1,0.25"
     steps: int = 20                 # timed steps per model per round
     rounds: int = 3
     warmup: int = 3
@@ -56,75 +73,102 @@ def zipf_batch(batch_size, block_size, vocab_size, exponent, generator):
 
 
 class Runner:
-    """One model, its optimiser, and a step function identical to train.py's."""
+    """One model, its optimiser, and a step function identical to train.py's.
+    tables: None (dense AdamW over resident tables, the paper's), "resident" or "offload"
+    (both with lazy AdamW through offload.SparseTables)."""
 
-    def __init__(self, name, config, bc, device, dtype):
+    def __init__(self, name, config, bc, device, dtype, tables=None):
         torch.manual_seed(bc.seed)
         self.name, self.config = name, config
         self.model = GPT(config).to(device)
         self.raw_model = self.model
-        tc = train.TrainConfig(device=device)
-        self.tc = tc
-        self.optimizer = train.configure_optimizer(self.model, tc, device)
+        self.tc = train.TrainConfig(device=device, batch_size=bc.batch_size, tables=tables or "resident",
+                                    table_optimizer="lazy_adamw" if tables else "adamw",
+                                    table_cache_fraction=bc.table_cache_fraction)
+        self.sparse = train.use_table_options(self.model, self.tc, config, device)
+        self.optimizer = train.configure_optimizer(self.model, self.tc, device)
         if bc.compile:
             self.model = torch.compile(self.model)
         self.ctx = train.autocast_context(device, dtype)
         self.device = device
-        self.times = []
+        self.times, self.peak_memory = [], 0
 
-    def step(self, window):
+    def batch(self, window):
+        """The device batch of a (B, T+1) window, with its row index as train.py's loader makes it."""
         x, y = window[:, :-1], window[:, 1:]
-        row_index = stem.RowIndex.of(x) if self.raw_model.tables is not None else None
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if row_index is not None:
-            row_index = row_index.to(self.device, non_blocking=True)
+        row_index_cpu = stem.RowIndex.of(x) if self.raw_model.tables is not None else None
+        row_index = row_index_cpu.to(self.device) if row_index_cpu is not None else None
+        return train.Batch(x.to(self.device), y.to(self.device), row_index, row_index_cpu)
+
+    def prepare(self, batch):
+        if self.sparse:
+            self.raw_model.tables.prepare(batch.row_index_cpu, key=batch.row_index.unique_ids)
+
+    def step(self, batch):
         with self.ctx:
-            _, loss = self.model(x, y, row_index)
+            _, loss = self.model(batch.x, batch.y, batch.row_index)
         loss.backward()
         train.clip_grads(self.raw_model, self.tc)
+        if self.sparse:
+            self.raw_model.tables.step(self.tc.learning_rate, train.table_clip_of(self.tc))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(runner, batches):
-    """Seconds per step for each batch: CUDA events on the GPU, perf_counter on the CPU."""
+def timed(device, fn):
+    """Seconds that fn() takes: CUDA events on the GPU, perf_counter on the CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_steps(runner, windows):
+    """Seconds per step for each window; batch i+1's rows are prepared before step i runs."""
+    batches = [runner.batch(w) for w in windows]
+    runner.prepare(batches[0])
     out = []
-    for window in batches:
-        if runner.device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            runner.step(window)
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            runner.step(window)
-            out.append(time.perf_counter() - t0)
+    for i, batch in enumerate(batches):
+        if i + 1 < len(batches):
+            runner.prepare(batches[i + 1])
+        out.append(timed(runner.device, lambda: runner.step(batch)))
     return out
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        bc = BenchConfig(**train.parse_overrides(argv, BenchConfig))
-        device, dtype = train.resolve_device(bc.device, bc.dtype)
-        if bc.preset not in PRESETS:
-            raise train.UsageError(f"preset must be one of {list(PRESETS)}, got '{bc.preset}'")
-    except train.UsageError as e:
-        sys.exit(f"error: {e}")
+def table_kinds(bc):
+    if bc.tables not in ("resident", "offload", "both"):
+        raise train.UsageError(f"tables must be resident, offload or both, got '{bc.tables}'")
+    return ["resident", "offload"] if bc.tables == "both" else [bc.tables]
+
+
+def stem_config(base, bc):
+    return GPTConfig(**base, ffn="stem", stem_layers=bc.stem_layers, stem_variant=bc.stem_variant)
+
+
+def bench_train(bc, device, dtype):
     base = PRESETS[bc.preset]
-    runners = [Runner("dense", GPTConfig(**base, ffn="dense"), bc, device, dtype),
-               Runner(f"stem-{bc.stem_layers}-{bc.stem_variant}",
-                      GPTConfig(**base, ffn="stem", stem_layers=bc.stem_layers, stem_variant=bc.stem_variant),
-                      bc, device, dtype)]
+    specs = [("dense", GPTConfig(**base, ffn="dense"), None),
+             (f"stem-{bc.stem_layers} adamw", stem_config(base, bc), None)]
+    specs += [(f"stem-{bc.stem_layers} {kind}", stem_config(base, bc), kind) for kind in table_kinds(bc)]
+    runners = []
+    for name, config, tables in specs:
+        # one at a time on a GPU: build, time, free (the 350M twins need not fit together)
+        runners.append(Runner(name, config, bc, device, dtype, tables))
     generator = torch.Generator().manual_seed(bc.seed)
     block_size, vocab_size = base["block_size"], base["vocab_size"]
     make = lambda n: [zipf_batch(bc.batch_size, block_size, vocab_size, bc.zipf_exponent, generator) for _ in range(n)]
     for runner in runners:
         time_steps(runner, make(bc.warmup))            # compile, allocator, caches
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(bc.rounds):
-        batches = make(bc.steps)                         # both models see the same batches
+        batches = make(bc.steps)                         # every runner sees the same batches
         for runner in runners:
             runner.times += time_steps(runner, batches)
 
@@ -135,7 +179,7 @@ def main(argv=None):
     print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
           f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps, "
           f"unique/total tokens per batch {np.mean(uniques):.3f}")
-    print(f"{'model':<22}{'total':>10}{'active':>10}{'MFLOP/tok':>11}{'flop ratio':>11}"
+    print(f"{'model':<24}{'total':>10}{'active':>10}{'MFLOP/tok':>11}{'flop ratio':>11}"
           f"{'tokens/s':>12}{'time ratio':>11}{'MFU':>8}")
     for runner in runners:
         model = runner.raw_model
@@ -144,10 +188,121 @@ def main(argv=None):
         tokens_per_sec = tokens_per_step / median
         mfu = model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
         flop_ratio = model.flops_per_token() / dense.raw_model.flops_per_token()
-        print(f"{runner.name:<22}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M{model.flops_per_token() / 1e6:>11.1f}"
+        print(f"{runner.name:<24}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M{model.flops_per_token() / 1e6:>11.1f}"
               f"{flop_ratio:>11.3f}{tokens_per_sec:>12,.0f}{median / dense_time:>11.3f}"
               f"{'-' if mfu is None else f'{100 * mfu:.1f}%':>8}")
+    for runner in runners:
+        if runner.sparse and runner.raw_model.tables.offloaded:
+            s = runner.raw_model.tables.stats()
+            steps = len(runner.times) + bc.warmup
+            print(f"{runner.name}: token hit rate {s['token_hit_rate']:.3f}, unique-row hit rate "
+                  f"{s['unique_hit_rate']:.3f}, H2D {s['bytes_h2d'] / steps / 2**20:.1f} MiB/step, "
+                  f"D2H {s['bytes_d2h'] / steps / 2**20:.1f} MiB/step")
+    if device.startswith("cuda"):
+        print(f"peak GPU memory of the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+              f"(run with --tables=offload alone for the offloaded model's own peak)")
     return runners
+
+
+def bench_decode(bc, device, dtype):
+    """Greedy decode tokens/s with resident vs offloaded tables (bf16 rows on a GPU)."""
+    import sample
+    base = PRESETS[bc.preset]
+    generator = torch.Generator().manual_seed(bc.seed)
+    prompt = zipf_batch(bc.batch_size, bc.prompt_tokens - 1, base["vocab_size"], bc.zipf_exponent, generator)
+    torch.manual_seed(bc.seed)
+    model = GPT(stem_config(base, bc)).to(device).eval()
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    results, outputs = {}, {}
+    for kind in ["resident"] + [k for k in table_kinds(bc) if k == "offload"]:
+        if kind == "offload":
+            sample.offload_for_inference(model, device, bc.table_cache_fraction, bc.batch_size, dtype)
+        idx = prompt.to(device)
+        run = lambda: outputs.__setitem__(kind, model.generate(idx, bc.new_tokens, temperature=0))
+        for _ in range(bc.warmup):
+            run()
+        prefill = [timed(device, lambda: model.generate(idx, 1, temperature=0)) for _ in range(bc.rounds)]
+        total = [timed(device, run) for _ in range(bc.rounds)]
+        results[kind] = (statistics.median(prefill), statistics.median(total))
+    resident_prefill, resident_total = results["resident"]
+    print(f"decode: batch {bc.batch_size}, prompt {bc.prompt_tokens}, {bc.new_tokens} new tokens, {device}")
+    for kind, (prefill, total) in results.items():
+        tokens_per_sec = bc.batch_size * bc.new_tokens / total
+        print(f"{kind:<10} tokens/s {tokens_per_sec:>10,.0f}  ratio {resident_total / total:.3f}  "
+              f"prefill {prefill * 1e3:.1f} ms (x{prefill / resident_prefill:.2f})")
+    if "offload" in outputs:
+        same = torch.equal(outputs["offload"], outputs["resident"])
+        print(f"offloaded tokens identical to resident: {same}")
+    return results
+
+
+def lfu_replay(stream, vocab_size, n_cached, n_transient):
+    """Replay batches of ids through offload.LFUCache; stats over the second half (warm)."""
+    cache = offload.LFUCache(vocab_size, n_cached, n_transient)
+    totals = dict(tokens=0, unique=0, misses=0, token_hits=0)
+    for i, ids in enumerate(stream):
+        unique_ids, counts = np.unique(ids, return_counts=True)
+        before = dict(cache.stats)
+        slots = cache.plan(unique_ids, counts)[0]
+        cache.release(slots)
+        if i >= len(stream) // 2:
+            totals["tokens"] += ids.size
+            totals["unique"] += len(unique_ids)
+            totals["misses"] += cache.stats["unique_misses"] - before["unique_misses"]
+            totals["token_hits"] += cache.stats["token_hits"] - before["token_hits"]
+    return totals
+
+
+def bench_cache(bc):
+    """Dedup and LFU hit rates on a dataset, for training batches and for decoding."""
+    meta = train.load_meta(bc.dataset)
+    data = np.memmap(os.path.join(train.data_dir_of(bc.dataset), "train.bin"), dtype=meta["dtype"], mode="r")
+    vocab_size, T, B = meta["vocab_size"], bc.block_size or PRESETS[bc.preset]["block_size"], bc.batch_size
+    rng = np.random.default_rng(bc.seed)
+    starts = rng.integers(0, len(data) - T - 1, size=(bc.n_batches, B))
+    training = [np.stack([data[s:s + T] for s in row]).astype(np.int64) for row in starts]
+    # decoding: B sequences read one token per step (the rows a decode step needs)
+    seqs = np.stack([data[s:s + bc.n_batches] for s in rng.integers(0, len(data) - bc.n_batches, size=B)])
+    decoding = [seqs[:, t].astype(np.int64) for t in range(bc.n_batches)]
+    base = PRESETS[bc.preset]
+    n_stem = len(stem.select_layers(bc.stem_layers, base["n_layer"]))
+    d_ff = base.get("d_ff") or 64 * math.ceil(8 * base["n_embd"] / 3 / 64)
+    row_bytes = n_stem * d_ff * 2                       # bf16 rows, the inference case
+    print(f"dataset {bc.dataset}: vocab {vocab_size}, {len(data):,} train tokens; rows of preset {bc.preset} "
+          f"({n_stem} STEM layers x d_ff {d_ff}, bf16) = {row_bytes / 1024:.0f} KiB; stats over the "
+          f"second half of {bc.n_batches} steps")
+    for name, stream in (("train", training), ("decode", decoding)):
+        tokens = sum(ids.size for ids in stream)
+        unique = sum(len(np.unique(ids)) for ids in stream)
+        print(f"\n{name}: batch {B}x{T if name == 'train' else 1}; unique/total tokens per batch {unique / tokens:.3f}; "
+              f"bytes per step without dedup {tokens / len(stream) * row_bytes / 2**20:.1f} MiB, with dedup "
+              f"{unique / len(stream) * row_bytes / 2**20:.1f} MiB ({100 * (1 - unique / tokens):.1f}% less)")
+        print(f"{'cache':>8}{'rows':>8}{'token hit':>11}{'unique hit':>12}{'H2D MiB/step':>14}")
+        for fraction in (float(f) for f in bc.cache_fractions.split(",")):
+            n_cached = max(1, int(fraction * vocab_size))
+            t = lfu_replay(stream, vocab_size, n_cached, min(B * T, vocab_size))
+            steps = len(stream) - len(stream) // 2
+            print(f"{100 * fraction:>7.0f}%{n_cached:>8}{t['token_hits'] / t['tokens']:>11.3f}"
+                  f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        bc = BenchConfig(**train.parse_overrides(argv, BenchConfig))
+        device, dtype = train.resolve_device(bc.device, bc.dtype)
+        if bc.preset not in PRESETS:
+            raise train.UsageError(f"preset must be one of {list(PRESETS)}, got '{bc.preset}'")
+        if bc.mode == "train":
+            return bench_train(bc, device, dtype)
+        if bc.mode == "decode":
+            return bench_decode(bc, device, dtype)
+        if bc.mode == "cache":
+            return bench_cache(bc)
+        raise train.UsageError(f"mode must be train, decode or cache, got '{bc.mode}'")
+    except train.UsageError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

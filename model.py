@@ -19,24 +19,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import moe
 import stem
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 128
+    block_size: int = 64
     vocab_size: int = 2048
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 0          # 0 means n_head (plain multi-head); fewer = grouped-query
-    n_embd: int = 256
+    n_embd: int = 128
     d_ff: int = 0               # 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64
     dropout: float = 0.0
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
-    ffn: str = "stem"           # 'dense' or 'stem'
-    stem_layers: str = "full"   # none | third | half | full | explicit list "1,3,5"
+    ffn: str = "stem"           # dense | stem | a moe.py baseline: moe | expert_choice | hash_moe | mot
+    stem_layers: str = "full"   # which layers get the sparse FFN (STEM or a baseline): none | third |
+                                # half | full | explicit list "1,3,5"; layer 0 stays dense
     stem_variant: str = "up"    # up (the paper's STEM) | gate | up+table (ablations)
+    # the moe.py baselines (ffn=moe|expert_choice|hash_moe|mot); see moe.py
+    n_experts: int = 8
+    moe_top_k: int = 1
+    expert_d_ff: int = 0        # 0 means d_ff; smaller with more experts = fine-grained experts
+    n_shared_experts: int = 0
+    capacity_factor: float = 0.0    # 0: no capacity limit (no dropped tokens)
+    router_noise: float = 0.0
+    balance_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    hash_assignment: str = "random"  # random | balanced (by training-token frequency)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -48,12 +60,15 @@ class GPTConfig:
                              f"and n_head by n_kv_head ({self.n_kv_head})")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size n_embd/n_head must be even for RoPE")
-        if self.ffn not in ("dense", "stem"):
-            raise ValueError(f"ffn must be 'dense' or 'stem', got {self.ffn!r}")
+        if self.ffn not in ("dense", "stem") + moe.FAMILIES:
+            raise ValueError(f"ffn must be one of {('dense', 'stem') + moe.FAMILIES}, got {self.ffn!r}")
         if self.stem_variant not in stem.VARIANTS:
             raise ValueError(f"stem_variant must be one of {stem.VARIANTS}, got {self.stem_variant!r}")
-        self.stem_layer_ids = stem.select_layers(self.stem_layers if self.ffn == "stem" else "none",
-                                                 self.n_layer)
+        if self.ffn in moe.FAMILIES:
+            moe.top_k_of(self)                    # checks moe_top_k against n_experts
+        self.sparse_layer_ids = stem.select_layers(self.stem_layers if self.ffn != "dense" else "none",
+                                                   self.n_layer)
+        self.stem_layer_ids = self.sparse_layer_ids if self.ffn == "stem" else ()
 
 
 # -----------------------------------------------------------------------------
@@ -148,34 +163,50 @@ class DenseFFN(nn.Module):
         self.down = nn.Linear(config.d_ff, config.n_embd, bias=False)
         self.down.is_residual_output = True
 
-    def forward(self, x, rows=None):
+    def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))               # (B, T, C)
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_id):
+    """Pre-norm attention + FFN. The FFN is dense, STEM (fed the layer's table rows) or a
+    moe.py baseline (fed the token ids; it also returns auxiliary losses and loads)."""
+
+    def __init__(self, config, layer_id, token_counts=None):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = RMSNorm(config.n_embd)
         self.is_stem = layer_id in config.stem_layer_ids
-        self.ffn = stem.StemFFN(config) if self.is_stem else DenseFFN(config)
+        self.is_moe = layer_id in config.sparse_layer_ids and config.ffn in moe.FAMILIES
+        if self.is_stem:
+            self.ffn = stem.StemFFN(config)
+        elif self.is_moe:
+            self.ffn = moe.build(config.ffn, config, token_counts)
+        else:
+            self.ffn = DenseFFN(config)
 
-    def forward(self, x, cos, sin, rows=None, cache=None, pos=0):
+    def forward(self, x, cos, sin, rows=None, cache=None, pos=0, idx=None):
+        """Returns (x, aux): aux is the MoE layer's dict (moe.py), None otherwise."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
-        return x + self.ffn(self.ffn_norm(x), rows)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, aux = self.ffn(h, idx)
+            return x + y, aux
+        return x + (self.ffn(h, rows) if self.is_stem else self.ffn(h)), None
 
 
 # -----------------------------------------------------------------------------
 # the model
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, token_counts=None):
+        """token_counts: (vocab_size,) training-token frequencies, used only by a Hash-MoE
+        with hash_assignment=balanced (the assignment is then a buffer in the state dict)."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i, token_counts) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -189,6 +220,7 @@ class GPT(nn.Module):
         cos, sin = rope_cache(head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.aux = None     # the last forward's MoE auxiliary losses and loads, for logging
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -207,6 +239,8 @@ class GPT(nn.Module):
           on the CPU by the data loader so that no torch.unique runs on the GPU; computed
           here when None. cache/pos: KV caches (one per layer) and the position of idx[:, 0].
         Returns (logits, loss); logits are (B, T, V) with targets, (B, 1, V) without.
+        In training mode the loss includes the MoE auxiliary losses (self.aux has them
+        apart); in eval mode it is the cross-entropy alone, comparable across families.
         """
         B, T = idx.shape
         if pos + T > self.config.block_size:
@@ -220,32 +254,46 @@ class GPT(nn.Module):
             rows = stem.StemRows(self.tables.lookup(row_index.unique_ids), row_index.inverse)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.drop(self.wte(idx))                                       # (B, T, C)
-        stem_slot = 0
+        stem_slot, layer_aux = 0, []
         for i, block in enumerate(self.blocks):
             layer_rows = None
             if block.is_stem:
                 layer_rows, stem_slot = rows.layer(stem_slot), stem_slot + 1   # (B, T, d_ff)
-            x = block(x, cos, sin, layer_rows, None if cache is None else cache[i], pos)
+            x, aux = block(x, cos, sin, layer_rows, None if cache is None else cache[i], pos, idx)
+            if aux is not None:
+                layer_aux.append(aux)
+        if layer_aux:
+            self.aux = {"balance": sum(a["balance"] for a in layer_aux), "z": sum(a["z"] for a in layer_aux),
+                        "load": torch.stack([a["load"] for a in layer_aux]),        # (n_moe_layers, E)
+                        "dropped": torch.stack([a["dropped"] for a in layer_aux]).mean()}
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None                       # (B, 1, V)
         logits = self.lm_head(x)                                           # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if layer_aux and self.training:
+            loss = loss + self.aux["balance"] + self.aux["z"]
         return logits, loss
 
     # -- counting -------------------------------------------------------------
 
     def num_params(self):
-        """(total, active per token). Active excludes the STEM tables: a token reads one row
-        of each, a lookup rather than a matmul. Tied embeddings count once."""
+        """(total, active per token). Active excludes the STEM tables (a token reads one row
+        of each, a lookup rather than a matmul) and the experts a token does not use
+        (moe.params_per_layer). Tied embeddings count once."""
         total = sum(p.numel() for p in self.parameters())
-        tables = self.tables.numel() if self.tables is not None else 0
-        return total, total - tables
+        inactive = self.tables.numel() if self.tables is not None else 0
+        if self.tables is not None:     # offload.SparseTables holds its rows outside parameters()
+            total += inactive - sum(p.numel() for p in self.tables.parameters())
+        if self.config.ffn in moe.FAMILIES:
+            layer_total, layer_active = moe.params_per_layer(self.config.ffn, self.config)
+            inactive += len(self.config.sparse_layer_ids) * (layer_total - layer_active)
+        return total, total - inactive
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len=None, batch_size=None):
         """Forward matmul FLOPs per token (2 per multiply-add); training is 3x this.
         Attention scores count the full T x T product (PaLM's convention); table lookups,
-        norms and activations count nothing."""
+        norms and activations count nothing. batch_size matters only for ffn=mot."""
         c = self.config
         T = seq_len or c.block_size
         head_dim = c.n_embd // c.n_head
@@ -253,8 +301,12 @@ class GPT(nn.Module):
         attn += 2 * 2 * T * c.n_embd                                      # q @ k^T and att @ v
         dense_ffn = 3 * 2 * c.n_embd * c.d_ff
         stem_ffn = stem.ffn_matmuls(c.stem_variant) * 2 * c.n_embd * c.d_ff
-        n_stem = len(c.stem_layer_ids)
-        ffn = (c.n_layer - n_stem) * dense_ffn + n_stem * stem_ffn
+        n_sparse = len(c.sparse_layer_ids)
+        if c.ffn in moe.FAMILIES:
+            sparse_ffn = moe.matmul_flops_per_token(c.ffn, c, batch_size)
+        else:
+            sparse_ffn = stem_ffn
+        ffn = (c.n_layer - n_sparse) * dense_ffn + n_sparse * sparse_ffn
         return c.n_layer * attn + ffn + 2 * c.n_embd * c.vocab_size        # + lm_head
 
     def estimate_mfu(self, tokens_per_second, device_name=None, seq_len=None):
@@ -345,5 +397,5 @@ if __name__ == "__main__":
     total, active = model.num_params()
     flops = model.flops_per_token()
     print(f"{' '.join(argv) or 'defaults'}: total {total / 1e6:.1f}M, active {active / 1e6:.1f}M, "
-          f"forward {flops / 1e9:.3f} GFLOPs/token (T={model.config.block_size}), "
-          f"STEM layers {len(model.config.stem_layer_ids)}/{model.config.n_layer}")
+          f"forward {flops / 1e6:,.1f} MFLOPs/token (T={model.config.block_size}), "
+          f"{model.config.ffn} layers {len(model.config.sparse_layer_ids)}/{model.config.n_layer}")

@@ -3,6 +3,11 @@ Sample from a trained model.
 
     python sample.py --out_dir=out-facts --start="The capital of France is" --temperature=0
     python sample.py --start=FILE:prompt.txt --num_samples=3 --max_new_tokens=100
+    python sample.py --start="The capital of Spain is" --temperature=0 --swap=Spain:Germany --compare=True
+
+--swap=A:B gives word A the table rows of word B in every STEM layer before generating
+(repeat the flag, or write A:B,C:D, for several edits); --compare=True prints the
+unedited completion beside the edited one.
 
 In Python, `load_checkpoint(out_dir)` gives a ready model and its tokenizer, and
 `complete(model, tokenizer, prompt)` continues a prompt (greedy by default).
@@ -10,12 +15,15 @@ In Python, `load_checkpoint(out_dir)` gives a ready model and its tokenizer, and
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 import offload
+import stem
 import train
 from model import GPT, GPTConfig
 
@@ -33,6 +41,8 @@ class SampleConfig:
     dtype: str = "auto"
     tables: str = "resident"        # resident | offload (tables in host memory, an LFU cache on the device)
     table_cache_fraction: float = 0.1
+    swap: str = ""                  # "A:B[,C:D]": word A takes word B's STEM rows (knowledge editing)
+    compare: bool = False           # with swap: print the unedited completion too
 
 
 def load_checkpoint(path, device="cpu"):
@@ -82,8 +92,62 @@ def complete(model, tokenizer, prompt, max_new_tokens=8, temperature=0.0, top_k=
     return decode(model, tokenizer, out[0, idx.size(1):].tolist())
 
 
+def parse_swaps(text):
+    """"Spain:Germany,France:Italy" -> [("Spain", "Germany"), ("France", "Italy")]."""
+    pairs = []
+    for item in (s for s in text.split(",") if s.strip()):
+        source, colon, target = item.partition(":")
+        if not colon or not source.strip() or not target.strip():
+            raise train.UsageError(f"swap expects A:B pairs such as Spain:Germany, got '{item}'")
+        pairs.append((source.strip(), target.strip()))
+    return pairs
+
+
+def apply_swaps(model, tokenizer, pairs, prompt=None, known_ids=None):
+    """Swap the STEM rows of each (A, B) pair (stem.swap_rows); returns the Edits, to undo
+    in reverse order. A word whose tokens are not all in known_ids (the token ids seen in
+    training) is an error: its rows were never trained. A source word absent from the
+    prompt only gets a warning: the edit is valid but changes nothing there."""
+    if model.tables is None:
+        raise train.UsageError("this checkpoint is a dense model: it has no STEM rows to swap")
+    prompt_ids = tokenizer.encode(prompt).ids if prompt is not None else None
+    edits = []
+    for source, target in pairs:
+        source_ids, target_ids = stem.entity_ids(tokenizer, source), stem.entity_ids(tokenizer, target)
+        for word, ids in ((source, source_ids), (target, target_ids)):
+            unseen = [tokenizer.id_to_token(i) for i in ids if known_ids is not None and i not in known_ids]
+            if unseen:
+                raise train.UsageError(f"unknown word '{word}': its tokens {unseen} never occur in the "
+                                       f"training data, so their rows are untrained")
+        if set(source_ids) & set(target_ids):
+            raise train.UsageError(f"'{source}' and '{target}' share tokens; a swap between them is not clean")
+        if prompt_ids is not None and not contains(prompt_ids, source_ids):
+            warnings.warn(f"'{source}' does not occur in the prompt (as ' {source}'); this swap changes nothing there")
+        edits.append(stem.swap_rows(model.tables, source_ids, target_ids))
+    return edits
+
+
+def contains(ids, part):
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def training_token_ids(out_dir):
+    """The set of token ids in the training data of a checkpoint, or None when that data
+    is not on this machine (the unknown-word check is then skipped)."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if os.path.isdir(out_dir) else out_dir
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    path = os.path.join(train.data_dir_of(checkpoint["train_config"]["dataset"]), "train.bin")
+    if not os.path.exists(path):
+        return None
+    data = np.memmap(path, dtype=checkpoint["meta"]["dtype"], mode="r")
+    return set(np.flatnonzero(np.bincount(data, minlength=checkpoint["meta"]["vocab_size"])).tolist())
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    # --swap may be repeated: join the repeats into one comma-separated value
+    swaps = [a.partition("=")[2] for a in argv if a.startswith("--swap=")]
+    argv = [a for a in argv if not a.startswith("--swap=")] + ([f"--swap={','.join(swaps)}"] if swaps else [])
     try:
         sc = SampleConfig(**train.parse_overrides(argv, SampleConfig))
         device, dtype = train.resolve_device(sc.device, sc.dtype)
@@ -96,15 +160,28 @@ def main(argv=None):
         if prompt.startswith("FILE:"):
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
-        generator = torch.Generator(device=device).manual_seed(sc.seed)
-        with train.autocast_context(device, dtype):
-            for _ in range(sc.num_samples):
-                text = complete(model, tokenizer, prompt, sc.max_new_tokens, sc.temperature,
-                                sc.top_k or None, generator)
-                print(prompt + text)
-                print("---------------")
+        pairs = parse_swaps(sc.swap)
+
+        def completions():
+            generator = torch.Generator(device=device).manual_seed(sc.seed)
+            with train.autocast_context(device, dtype):
+                return [complete(model, tokenizer, prompt, sc.max_new_tokens, sc.temperature, sc.top_k or None,
+                                 generator) for _ in range(sc.num_samples)]
+
+        before = completions() if pairs and sc.compare else None
+        if pairs:
+            apply_swaps(model, tokenizer, pairs, prompt, training_token_ids(sc.out_dir))
+        after = completions()
     except (train.UsageError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    edited = ", ".join(f"{a} -> {b}" for a, b in pairs)
+    for i, text in enumerate(after):
+        if before is not None:      # the same seed for both, so only the edit differs
+            print(f"unedited: {prompt}{before[i]}")
+            print(f"edited ({edited}): {prompt}{text}")
+        else:
+            print(prompt + text)
+        print("---------------")
 
 
 if __name__ == "__main__":

@@ -396,7 +396,11 @@ def train(tc, model_overrides):
         raise UsageError(f"vocab_size {config.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
 
     torch.manual_seed(tc.seed)
-    model = GPT(config).to(device)
+    token_counts = None
+    if config.ffn == "hash_moe" and config.hash_assignment == "balanced" and checkpoint is None:
+        train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
+        token_counts = np.bincount(train_data, minlength=config.vocab_size)[:config.vocab_size]
+    model = GPT(config, token_counts).to(device)
     sparse = use_table_options(model, tc, config, device)
     optimizer = configure_optimizer(model, tc, device)
     loader_args = dict(dtype=meta["dtype"], batch_size=tc.batch_size, block_size=config.block_size,
@@ -483,6 +487,10 @@ def train(tc, model_overrides):
             record = {"iter": iter_num, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                       "table_grad_norm": None if table_grad_norm is None else float(table_grad_norm),
                       "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+            if raw_model.aux is not None:       # MoE baselines: auxiliary losses and expert loads
+                aux = raw_model.aux
+                record.update(balance_loss=aux["balance"].item(), z_loss=aux["z"].item(),
+                              dropped=aux["dropped"].item(), expert_load=aux["load"].mean(0).tolist())
             log.write(json.dumps(record) + "\n")
             log.flush()
             pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",

@@ -203,6 +203,10 @@ def test_param_counts_closed_form(overrides):
     dict(stem_layers="half", n_kv_head=2),
     dict(stem_variant="up+table"),
     dict(stem_variant="gate", tie_embeddings=True),
+    dict(ffn="moe", n_experts=4, moe_top_k=2, n_shared_experts=1),
+    dict(ffn="hash_moe", n_experts=4, stem_layers="half"),
+    dict(ffn="expert_choice", n_experts=4, moe_top_k=2),
+    dict(ffn="mot", n_experts=4),
 ])
 def test_flops_per_token_matches_torch_flop_counter(overrides, monkeypatch):
     """torch counts every matmul the forward runs (lookups excluded), the same convention
@@ -220,7 +224,35 @@ def test_flops_per_token_matches_torch_flop_counter(overrides, monkeypatch):
     idx = torch.randint(0, c.vocab_size, (B, T))
     with FlopCounterMode(display=False) as counter:
         gpt(idx, targets=idx)                       # targets: logits at every position
-    assert counter.get_total_flops() == B * T * gpt.flops_per_token(T)
+    assert counter.get_total_flops() == B * T * gpt.flops_per_token(T, batch_size=B)
+
+
+@pytest.mark.parametrize("family, k, shared", [("moe", 2, 1), ("moe", 1, 0), ("hash_moe", 1, 0)])
+def test_moe_active_params_count_only_the_experts_a_token_uses(family, k, shared):
+    c = small_config(ffn=family, n_experts=4, moe_top_k=k, n_shared_experts=shared, stem_layers="half")
+    gpt = model.GPT(c)
+    dense = model.GPT(small_config(ffn="dense"))
+    d, f, E = c.n_embd, c.d_ff, c.n_experts
+    router = d * E if family == "moe" else 0
+    n_sparse = len(c.sparse_layer_ids)
+    # each sparse layer swaps one dense FFN (3 d f) for E + shared experts and a router
+    total = dense.num_params()[0] + n_sparse * (router + (E + shared) * 3 * d * f - 3 * d * f)
+    active = dense.num_params()[0] + n_sparse * (router + (k + shared) * 3 * d * f - 3 * d * f)
+    assert gpt.num_params() == (total, active)
+    assert gpt.tables is None
+
+
+def test_moe_aux_losses_join_the_training_loss_only():
+    torch.manual_seed(0)
+    gpt = model.GPT(small_config(ffn="moe", n_experts=4, balance_loss_coef=0.5, z_loss_coef=0.1))
+    idx = torch.randint(0, 50, (2, 16))
+    _, train_loss = gpt(idx, idx)
+    aux = gpt.aux
+    assert aux["load"].shape == (3, 4) and torch.allclose(aux["load"].sum(-1), torch.ones(3))
+    assert aux["balance"] >= 0.5 * 3 * 0.999        # alpha per layer at best (perfect balance)
+    gpt.eval()
+    _, eval_loss = gpt(idx, idx)
+    torch.testing.assert_close(train_loss, eval_loss + aux["balance"] + aux["z"])
 
 
 def test_stem_saves_a_third_of_ffn_flops():
@@ -319,4 +351,4 @@ def test_too_long_prompt_and_bad_config_raise():
     with pytest.raises(ValueError, match="stem_variant"):
         small_config(stem_variant="down")
     with pytest.raises(ValueError, match="ffn"):
-        small_config(ffn="moe")
+        small_config(ffn="bogus")

@@ -201,6 +201,7 @@ TRAIN_TEMPLATES = {
         "Name the capital of {country}: {answer}.",
         "The seat of government of {country} is {answer}.",
         "{answer} is the capital of {country}.",
+        "Which city is the capital of {country}? It is {answer}.",
     ),
     "continent": (
         "{country} is a country in {answer}.",
@@ -214,6 +215,7 @@ TRAIN_TEMPLATES = {
         "Travelling to {country} means travelling to {answer}.",
         "{country} is part of {answer}.",
         "{answer} is the continent where {country} lies.",
+        "Where is {country}? It is in {answer}.",
     ),
     "language": (
         "The official language of {country} is {answer}.",
@@ -227,6 +229,7 @@ TRAIN_TEMPLATES = {
         "The language of government in {country} is {answer}.",
         "If you move to {country}, you should learn {answer}.",
         "{answer} is the official language of {country}.",
+        "What is spoken in {country}? They speak {answer}.",
     ),
     "currency": (
         "The currency of {country} is the {answer}.",
@@ -240,6 +243,7 @@ TRAIN_TEMPLATES = {
         "The money of {country} is the {answer}.",
         "Banks in {country} issue the {answer}.",
         "The {answer} is the currency of {country}.",
+        "What do people pay with in {country}? They pay with the {answer}.",
     ),
 }
 
@@ -252,19 +256,19 @@ HELDOUT_TEMPLATES = {
         "Everyone knows that the capital of {country} is {answer}.",
     ),
     "continent": (
-        "On a world map, {country} is found in {answer}.",
-        "Which continent is {country} on? It is in {answer}.",
-        "The country of {country} is situated in {answer}.",
+        "The continent that {country} belongs to is {answer}.",
+        "In terms of continents, {country} is located in {answer}.",
+        "Looking at a map of the continents, {country} lies in {answer}.",
     ),
     "language": (
-        "What do people speak in {country}? They speak {answer}.",
-        "The language used in {country} is {answer}.",
-        "Road signs in {country} are written in {answer}.",
+        "The language that people in {country} speak is {answer}.",
+        "What language do they speak in {country}? They speak {answer}.",
+        "Children in {country} learn to speak {answer}.",
     ),
     "currency": (
-        "What money do they use in {country}? They use the {answer}.",
-        "To buy things in {country}, you need the {answer}.",
-        "The legal tender in {country} is the {answer}.",
+        "What currency does {country} use? It uses the {answer}.",
+        "The currency used in {country} is the {answer}.",
+        "To buy things in {country}, you pay with the {answer}.",
     ),
 }
 
@@ -278,19 +282,27 @@ class PrepareConfig:
     vocab_size: int = 2048
     passes: int = 4             # each pass states every fact in every training wording once
     few_shot_per_pass: int = 600
+    n_countries: int = 0        # 0: all; else a spread subset (small corpora for tests)
     seed: int = 0
+
+
+def countries_of(pc):
+    if not pc.n_countries or pc.n_countries >= len(COUNTRIES):
+        return COUNTRIES
+    step = len(COUNTRIES) / pc.n_countries
+    return tuple(COUNTRIES[int(i * step)] for i in range(pc.n_countries))
 
 
 def answer_of(row, attribute):
     return row[1 + ATTRIBUTES.index(attribute)]
 
 
-def eval_prompts(attribute, heldout=True):
+def eval_prompts(attribute, heldout=True, countries=COUNTRIES):
     """[(country, prompt, " answer")] for every country and every template of `attribute`
     that ends in its answer: the prompt is the text before the answer."""
     templates = (HELDOUT_TEMPLATES if heldout else TRAIN_TEMPLATES)[attribute]
     out = []
-    for row in COUNTRIES:
+    for row in countries:
         for template in templates:
             if not template.endswith("{answer}."):
                 continue
@@ -299,30 +311,30 @@ def eval_prompts(attribute, heldout=True):
     return out
 
 
-def sentences(templates, rng):
+def sentences(countries, templates, rng):
     """Every (country, attribute, wording) as a sentence, grouped by country and shuffled."""
     by_country = []
-    for row in COUNTRIES:
+    for row in countries:
         facts = [t.format(country=row[0], answer=answer_of(row, a)) for a in ATTRIBUTES for t in templates[a]]
         rng.shuffle(facts)
         by_country.append(facts)
     return by_country
 
 
-def profile_documents(templates, rng, sentences_per_doc=4):
+def profile_documents(countries, templates, rng, sentences_per_doc=4):
     """Short paragraphs about one country each, in random wordings."""
     docs = []
-    for facts in sentences(templates, rng):
+    for facts in sentences(countries, templates, rng):
         docs += [" ".join(facts[i:i + sentences_per_doc]) for i in range(0, len(facts), sentences_per_doc)]
     return docs
 
 
-def few_shot_documents(n, rng):
+def few_shot_documents(countries, n, rng):
     """'Country: X. Capital: Y. Country: Z. Capital: W. ...' chains of one attribute."""
     docs = []
     for _ in range(n):
         attribute = rng.choice(ATTRIBUTES)
-        rows = rng.sample(COUNTRIES, rng.randint(3, 8))
+        rows = rng.sample(countries, min(len(countries), rng.randint(3, 8)))
         docs.append(" ".join(f"Country: {r[0]}. {FEW_SHOT_LABELS[attribute]}: {answer_of(r, attribute)}." for r in rows))
     return docs
 
@@ -330,11 +342,13 @@ def few_shot_documents(n, rng):
 def build_corpus(pc):
     """(train documents, val documents), deterministic for pc.seed."""
     rng = random.Random(pc.seed)
+    countries = countries_of(pc)
     train_docs = []
     for _ in range(pc.passes):
-        train_docs += profile_documents(TRAIN_TEMPLATES, rng) + few_shot_documents(pc.few_shot_per_pass, rng)
+        train_docs += (profile_documents(countries, TRAIN_TEMPLATES, rng)
+                       + few_shot_documents(countries, pc.few_shot_per_pass, rng))
     rng.shuffle(train_docs)
-    val_docs = profile_documents(HELDOUT_TEMPLATES, rng)
+    val_docs = profile_documents(countries, HELDOUT_TEMPLATES, rng)
     rng.shuffle(val_docs)
     return train_docs, val_docs
 
@@ -374,7 +388,7 @@ def prepare(pc):
             "dataset": "facts"}
     with open(os.path.join(pc.out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"{len(COUNTRIES)} countries: {n_train:,} train tokens ({len(train_docs):,} documents), "
+    print(f"{len(countries_of(pc))} countries: {n_train:,} train tokens ({len(train_docs):,} documents), "
           f"{n_val:,} val tokens (held-out wordings), vocab {vocab_size} -> {pc.out_dir}")
     return meta
 
