@@ -2,7 +2,8 @@
 Tokenise local text files into train.bin / val.bin / meta.json for train.py.
 
     python data/text/prepare.py --input=path/to/books,notes.txt --vocab_size=32768
-    python data/text/prepare.py --input=/usr/lib/python3.12 --glob="*.py"   # the stdlib, as text
+    python data/text/prepare.py --input=/usr/lib/python3.12 --glob="*.py" --exclude=site-packages
+                                                                              # the stdlib, as text
     python data/text/prepare.py --input=corpus --tokenizer=tokenizer.json    # reuse a tokenizer
     python data/text/prepare.py --hf_dataset=HuggingFaceFW/fineweb-edu --hf_name=sample-10BT \
         --max_bytes=20000000000                                               # needs `datasets` + network
@@ -34,6 +35,7 @@ EOS = "<|endoftext|>"
 class TextConfig:
     input: str = ""                 # comma-separated files and folders
     glob: str = "*.txt"             # which files of a folder to read (recursively)
+    exclude: str = ""               # comma-separated folder names to skip, e.g. site-packages
     out_dir: str = HERE
     vocab_size: int = 32768         # of the BPE trained here
     tokenizer: str = ""             # an existing tokenizer.json: no training
@@ -53,8 +55,9 @@ def input_files(tc):
         if os.path.isfile(item):
             files.append(item)
         elif os.path.isdir(item):
+            skip = {s.strip() for s in tc.exclude.split(",") if s.strip()}
             for root, dirs, names in os.walk(item):
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if d not in skip)
                 files += [os.path.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, tc.glob)]
         else:
             raise FileNotFoundError(f"--input '{item}' is neither a file nor a folder")
