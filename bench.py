@@ -6,6 +6,8 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
     python bench.py --mode=decode --preset=350m      # decode tokens/s: resident vs offloaded tables
     python bench.py --mode=cache --dataset=text --batch_size=8 --block_size=1024
                                                      # dedup and LFU hit rates of a dataset's batches
+    python bench.py --mode=compare --dataset=facts   # train dense, STEM third/half/full, Hash-MoE and
+                                                     # top-2 MoE on the same tokens; results table + plot
 
 train/decode: batches are synthetic token ids drawn from a Zipf distribution (natural text
 is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. The
@@ -14,6 +16,8 @@ the reported time is the median step (CUDA events on a GPU). Offloaded tables pr
 batch i+1 while batch i runs, as train.py does.
 cache: no model; the LFU bookkeeping of offload.py replayed on a dataset's training batch
 stream and on a decoding stream (B sequences, one token each per step), per cache size.
+compare: train.py runs, one per variant, with the same data, seed, batches and number of
+steps; the table has final val loss, FLOPs/token, parameters, tokens/s and loss spikes.
 """
 
 import math
@@ -51,6 +55,11 @@ class BenchConfig:
     block_size: int = 0             # cache: 0 means the preset's
     n_batches: int = 200            # cache: batches (and decode steps) replayed
     cache_fractions: str = "0.01,0.05,0.1,0.25"
+    variants: str = "dense,stem:third,stem:half,stem:full,hash_moe:16x1,moe:8x2"   # compare
+    max_iters: int = 600            # compare: steps per variant (batch and context from train.py)
+    out_dir: str = "out-compare"    # compare: one folder per variant, plus results.md/json/png
+    train_args: str = ""            # compare: extra --key=value flags for every run, space-separated
+    spike_margin: float = 0.2       # compare: a spike is a loss above (1 + margin) x its running mean
     steps: int = 20                 # timed steps per model per round
     rounds: int = 3
     warmup: int = 3
@@ -287,6 +296,106 @@ def bench_cache(bc):
                   f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
 
 
+def variant_overrides(variant):
+    """'dense' | 'stem:LAYERS' | 'hash_moe:E' or 'hash_moe:ExK' | 'moe:ExK' | 'expert_choice:ExK'
+    | 'mot:E' -> model overrides. Sparse baselines use the same layers as STEM full."""
+    family, _, arg = variant.partition(":")
+    if family == "dense":
+        return {"ffn": "dense"}
+    if family == "stem":
+        return {"ffn": "stem", "stem_layers": arg or "full"}
+    if family in ("moe", "hash_moe", "expert_choice", "mot"):
+        experts, _, k = (arg or "8").partition("x")
+        return {"ffn": family, "n_experts": int(experts), "moe_top_k": int(k or 1), "stem_layers": "full"}
+    raise train.UsageError(f"unknown variant '{variant}': use dense, stem:LAYERS, moe:ExK, hash_moe:E, "
+                           f"expert_choice:ExK or mot:E")
+
+
+def loss_spikes(losses, margin, warmup=50):
+    """Steps (after warmup) whose loss exceeds (1 + margin) x the running mean (EMA 0.9)
+    of the losses before it."""
+    spikes, mean = 0, None
+    for i, loss in enumerate(losses):
+        if mean is not None and i >= warmup and loss > (1 + margin) * mean:
+            spikes += 1
+        mean = loss if mean is None else 0.9 * mean + 0.1 * loss
+    return spikes
+
+
+def bench_compare(bc):
+    """Train every variant with train.py on the same tokens; write results.{md,json,png}."""
+    import json
+    import shutil
+    extra = [a for a in bc.train_args.split() if a]
+    rows = []
+    for variant in (v.strip() for v in bc.variants.split(",") if v.strip()):
+        name = variant.replace(":", "-")
+        out = os.path.join(bc.out_dir, name)
+        shutil.rmtree(out, ignore_errors=True)          # a fresh run: metrics.jsonl appends
+        args = [f"--dataset={bc.dataset}", f"--out_dir={out}", f"--max_iters={bc.max_iters}", "--log_interval=1",
+                f"--eval_interval={bc.max_iters}", f"--seed={bc.seed}", f"--device={bc.device}"] + extra
+        args += [f"--{k}={v}" for k, v in variant_overrides(variant).items()]
+        print(f"== {variant}: python train.py {' '.join(args)}")
+        train_overrides, model_overrides = train.split_overrides(train.parse_overrides(args, train.TrainConfig, GPTConfig))
+        tc = train.TrainConfig(**train_overrides)
+        summary = train.train(tc, model_overrides)
+        checkpoint = torch.load(summary["ckpt_path"], map_location="cpu", weights_only=False)
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**checkpoint["model_config"]))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        steps = [r for r in records if "loss" in r]
+        total, active = model.num_params()
+        tokens_per_step = tc.batch_size * tc.grad_accum_steps * model.config.block_size
+        flops = model.flops_per_token(batch_size=tc.batch_size)
+        rows.append({"variant": variant, "val_loss": summary["val_loss"], "train_loss": summary["train_loss"],
+                     "flops_per_token": flops, "total_params": total, "active_params": active,
+                     "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in steps[len(steps) // 10:]),
+                     "spikes": loss_spikes([r["loss"] for r in steps], bc.spike_margin),
+                     "curve": [(3 * flops * tokens_per_step * r["iter"], r["loss"]) for r in steps]})
+    write_results(bc, rows)
+    return rows
+
+
+def write_results(bc, rows):
+    import json
+    dense = next((r for r in rows if r["variant"] == "dense"), rows[0])
+    lines = [f"dataset {bc.dataset}, {bc.max_iters} steps each, same batches (seed {bc.seed}); FLOPs are forward "
+             f"matmul FLOPs/token; spikes: steps with loss > {1 + bc.spike_margin:.2f} x running mean", "",
+             "| variant | val loss | train loss | MFLOPs/token | FLOPs vs dense | total params | active params "
+             "| tokens/s | loss spikes |", "|" + " --- |" * 9]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['val_loss']:.4f} | {r['train_loss']:.4f} | {r['flops_per_token'] / 1e6:.2f} "
+                     f"| {r['flops_per_token'] / dense['flops_per_token']:.3f} | {r['total_params'] / 1e6:.2f}M "
+                     f"| {r['active_params'] / 1e6:.2f}M | {r['tokens_per_sec']:,.0f} | {r['spikes']} |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(bc.out_dir, exist_ok=True)
+    with open(os.path.join(bc.out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(bc.out_dir, "results.json"), "w") as f:
+        json.dump(rows, f)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (results.json has the curves)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x, y = zip(*r["curve"])
+        smooth = np.convolve(y, np.ones(20) / 20, mode="valid")            # 20-step moving mean
+        ax.plot(x[len(x) - len(smooth):], smooth, label=r["variant"])
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (3 x forward matmul FLOPs x tokens)")
+    ax.set_ylabel("train loss (20-step mean)")
+    ax.set_title(f"{bc.dataset}: loss vs FLOPs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(bc.out_dir, "results.png"), dpi=120)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -300,7 +409,9 @@ def main(argv=None):
             return bench_decode(bc, device, dtype)
         if bc.mode == "cache":
             return bench_cache(bc)
-        raise train.UsageError(f"mode must be train, decode or cache, got '{bc.mode}'")
+        if bc.mode == "compare":
+            return bench_compare(bc)
+        raise train.UsageError(f"mode must be train, decode, cache or compare, got '{bc.mode}'")
     except train.UsageError as e:
         sys.exit(f"error: {e}")
 
