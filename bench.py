@@ -33,7 +33,7 @@ import torch
 import offload
 import stem
 import train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, gpu_peak_flops
 
 PRESETS = {
     "tiny": dict(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=256),
@@ -160,57 +160,100 @@ def stem_config(base, bc):
     return GPTConfig(**base, ffn="stem", stem_layers=bc.stem_layers, stem_variant=bc.stem_variant)
 
 
+def pinned_copy_peak(device, n_bytes=256 << 20):
+    """Host-to-device GB/s of one large pinned copy: the ceiling for the table prefetch."""
+    host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)
+    return n_bytes / 1e9 / statistics.median(
+        timed(device, lambda: target.copy_(host, non_blocking=True)) for _ in range(5))
+
+
 def bench_train(bc, device, dtype):
     base = PRESETS[bc.preset]
-    specs = [("dense", GPTConfig(**base, ffn="dense"), None),
-             (f"stem-{bc.stem_layers} adamw", stem_config(base, bc), None)]
+    specs = [("dense", GPTConfig(**base, ffn="dense"), None)]
+    if bc.preset != "350m":     # dense AdamW over 3.3B table rows needs ~52 GB on its own
+        specs.append((f"stem-{bc.stem_layers} adamw", stem_config(base, bc), None))
     specs += [(f"stem-{bc.stem_layers} {kind}", stem_config(base, bc), kind) for kind in table_kinds(bc)]
-    runners = []
-    for name, config, tables in specs:
-        # one at a time on a GPU: build, time, free (the 350M twins need not fit together)
-        runners.append(Runner(name, config, bc, device, dtype, tables))
     generator = torch.Generator().manual_seed(bc.seed)
     block_size, vocab_size = base["block_size"], base["vocab_size"]
     make = lambda n: [zipf_batch(bc.batch_size, block_size, vocab_size, bc.zipf_exponent, generator) for _ in range(n)]
-    for runner in runners:
-        time_steps(runner, make(bc.warmup))            # compile, allocator, caches
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(bc.rounds):
-        batches = make(bc.steps)                         # every runner sees the same batches
+    warmup = make(bc.warmup)
+    rounds = [make(bc.steps) for _ in range(bc.rounds)]     # every runner sees the same batches
+    cuda = device.startswith("cuda")
+    runners = []
+    if not cuda:
+        # all models at once, timed in alternating rounds: drift of a shared CPU hits them alike
+        runners = [Runner(name, config, bc, device, dtype, tables) for name, config, tables in specs]
         for runner in runners:
-            runner.times += time_steps(runner, batches)
+            time_steps(runner, warmup)            # allocator, caches
+        for batches in rounds:
+            for runner in runners:
+                runner.times += time_steps(runner, batches)
+    else:
+        # one at a time on a GPU (the 350M twins need not fit together), each with its own peak memory
+        for name, config, tables in specs:
+            runner = Runner(name, config, bc, device, dtype, tables)
+            time_steps(runner, warmup)            # compile, allocator, caches
+            torch.cuda.reset_peak_memory_stats()
+            for batches in rounds:
+                runner.times += time_steps(runner, batches)
+            runner.peak_memory = torch.cuda.max_memory_allocated()
+            runners.append(runner)
+            runner.summary = summarize(runner)
+            runner.model = runner.raw_model = runner.optimizer = None
+            torch.cuda.empty_cache()
 
     tokens_per_step = bc.batch_size * block_size
-    dense = runners[0]
-    dense_time = statistics.median(dense.times)
+    for runner in runners:
+        if runner.raw_model is not None:
+            runner.summary = summarize(runner)
+    dense_time = statistics.median(runners[0].times)
+    dense_flops = runners[0].summary["flops"]
     uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / tokens_per_step for b in make(10)]
-    print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
+    print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), "
           f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps, "
           f"unique/total tokens per batch {np.mean(uniques):.3f}")
     print(f"{'model':<24}{'total':>10}{'active':>10}{'MFLOP/tok':>11}{'flop ratio':>11}"
-          f"{'tokens/s':>12}{'time ratio':>11}{'MFU':>8}")
+          f"{'tokens/s':>12}{'time ratio':>11}{'MFU':>8}{'peak GiB':>10}")
     for runner in runners:
-        model = runner.raw_model
-        total, active = model.num_params()
+        s = runner.summary
         median = statistics.median(runner.times)
         tokens_per_sec = tokens_per_step / median
-        mfu = model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
-        flop_ratio = model.flops_per_token() / dense.raw_model.flops_per_token()
-        print(f"{runner.name:<24}{total / 1e6:>9.1f}M{active / 1e6:>9.1f}M{model.flops_per_token() / 1e6:>11.1f}"
-              f"{flop_ratio:>11.3f}{tokens_per_sec:>12,.0f}{median / dense_time:>11.3f}"
-              f"{'-' if mfu is None else f'{100 * mfu:.1f}%':>8}")
+        mfu = 3 * s["flops"] * tokens_per_sec / s["peak_flops"] if s["peak_flops"] else None
+        print(f"{runner.name:<24}{s['total'] / 1e6:>9.1f}M{s['active'] / 1e6:>9.1f}M{s['flops'] / 1e6:>11.1f}"
+              f"{s['flops'] / dense_flops:>11.3f}{tokens_per_sec:>12,.0f}{median / dense_time:>11.3f}"
+              f"{'-' if mfu is None else f'{100 * mfu:.1f}%':>8}"
+              f"{f'{runner.peak_memory / 2**30:.1f}' if cuda else '-':>10}")
+    times = {r.name.split()[-1]: statistics.median(r.times) for r in runners}
     for runner in runners:
-        if runner.sparse and runner.raw_model.tables.offloaded:
-            s = runner.raw_model.tables.stats()
+        s = runner.summary
+        if "token_hit_rate" in s:
             steps = len(runner.times) + bc.warmup
+            h2d = s["bytes_h2d"] / steps
             print(f"{runner.name}: token hit rate {s['token_hit_rate']:.3f}, unique-row hit rate "
-                  f"{s['unique_hit_rate']:.3f}, H2D {s['bytes_h2d'] / steps / 2**20:.1f} MiB/step, "
+                  f"{s['unique_hit_rate']:.3f}, H2D {h2d / 2**20:.1f} MiB/step, "
                   f"D2H {s['bytes_d2h'] / steps / 2**20:.1f} MiB/step")
-    if device.startswith("cuda"):
-        print(f"peak GPU memory of the run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
-              f"(run with --tables=offload alone for the offloaded model's own peak)")
+            if cuda and "resident" in times:
+                peak = pinned_copy_peak(device)
+                copy_time = h2d / 1e9 / peak
+                exposed = max(0.0, times["offload"] - times["resident"])
+                print(f"pinned H2D peak {peak:.1f} GB/s; prefetch needs {h2d / 1e9 / times['offload']:.2f} GB/s "
+                      f"over a step; estimated copy time {1e3 * copy_time:.2f} ms/step, of which "
+                      f"{100 * (1 - min(1.0, exposed / copy_time)) if copy_time else 100:.0f}% hidden "
+                      f"(1 - step-time difference / copy time)")
     return runners
+
+
+def summarize(runner):
+    """What the report needs of a runner's model, kept after the model is freed."""
+    model = runner.raw_model
+    total, active = model.num_params()
+    s = dict(total=total, active=active, flops=model.flops_per_token(),
+             peak_flops=gpu_peak_flops() if runner.device.startswith("cuda") else None)
+    if runner.sparse and model.tables.offloaded:
+        s.update(model.tables.stats())
+    return s
 
 
 def bench_decode(bc, device, dtype):
