@@ -58,6 +58,7 @@ def load_checkpoint(path, device="cpu"):
     if checkpoint["tokenizer_json"] is None:
         raise train.UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
     model.eos_id = checkpoint["meta"]["eos_id"]
+    model.dataset, model.data_dtype = checkpoint["train_config"]["dataset"], checkpoint["meta"]["dtype"]
     return model.to(device).eval(), Tokenizer.from_str(checkpoint["tokenizer_json"])
 
 
@@ -131,16 +132,14 @@ def contains(ids, part):
     return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
 
 
-def training_token_ids(out_dir):
-    """The set of token ids in the training data of a checkpoint, or None when that data
-    is not on this machine (the unknown-word check is then skipped)."""
-    ckpt_path = os.path.join(out_dir, "ckpt.pt") if os.path.isdir(out_dir) else out_dir
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    path = os.path.join(train.data_dir_of(checkpoint["train_config"]["dataset"]), "train.bin")
+def training_token_ids(model):
+    """The set of token ids in the model's training data, or None when that data is not
+    on this machine (the unknown-word check is then skipped)."""
+    path = os.path.join(train.data_dir_of(model.dataset), "train.bin")
     if not os.path.exists(path):
         return None
-    data = np.memmap(path, dtype=checkpoint["meta"]["dtype"], mode="r")
-    return set(np.flatnonzero(np.bincount(data, minlength=checkpoint["meta"]["vocab_size"])).tolist())
+    data = np.memmap(path, dtype=model.data_dtype, mode="r")
+    return set(np.flatnonzero(np.bincount(data, minlength=model.config.vocab_size)).tolist())
 
 
 def main(argv=None):
@@ -170,7 +169,7 @@ def main(argv=None):
 
         before = completions() if pairs and sc.compare else None
         if pairs:
-            apply_swaps(model, tokenizer, pairs, prompt, training_token_ids(sc.out_dir))
+            apply_swaps(model, tokenizer, pairs, prompt, training_token_ids(model))
         after = completions()
     except (train.UsageError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

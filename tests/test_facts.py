@@ -193,6 +193,10 @@ def test_sample_swap_flag(tiny_facts, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"unedited: The capital of {a[0]} is {a[1]}")
     assert lines[1].startswith(f"edited ({a[0]} -> {b[0]}): The capital of {a[0]} is {b[1]}")
+    # the same edit on offloaded tables (host rows edited, cached copies updated): same text
+    main(f"--start=The capital of {a[0]} is", f"--swap={a[0]}:{b[0]}", "--compare=True", "--tables=offload",
+         "--table_cache_fraction=0.02")
+    assert capsys.readouterr().out.splitlines()[:2] == lines[:2]
     with pytest.warns(UserWarning, match="does not occur in the prompt"):
         main("--start=Hello", f"--swap={a[0]}:{b[0]}")
     with pytest.raises(SystemExit, match="unknown word 'Qzxv'"):
