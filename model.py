@@ -6,9 +6,11 @@ optional grouped-query heads) -> RMSNorm -> FFN] -> RMSNorm -> lm_head. No biase
 
 The FFN of a layer is either the dense SwiGLU `W_down(SiLU(W_gate x) * W_up x)` or a
 STEM FFN (stem.py) whose up-projection is a row of a per-layer table looked up by the
-input token id. All STEM tables live in one `ResidentTables` module (stem.py) laid out
-as (vocab, n_stem, d_ff): the model looks up the rows of the batch's unique token ids
-once per forward, and every STEM layer reads its slice through an inverse index.
+input token id; or, for comparisons, one of the sparse baselines of moe.py (--ffn=moe,
+expert_choice, hash_moe, mot) in the same layers. All STEM tables live in one
+`ResidentTables` module (stem.py) laid out as (vocab, n_stem, d_ff): the model looks up
+the rows of the batch's unique token ids once per forward, and every STEM layer reads its
+slice through an inverse index.
 """
 
 import math
