@@ -20,8 +20,10 @@ compare: train.py runs, one per variant, with the same data, seed, batches and n
 steps; the table has final val loss, FLOPs/token, parameters, tokens/s and loss spikes.
 """
 
+import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -190,6 +192,8 @@ def bench_train(bc, device, dtype):
         for batches in rounds:
             for runner in runners:
                 runner.times += time_steps(runner, batches)
+        for runner in runners:
+            runner.summary = summarize(runner)
     else:
         # one at a time on a GPU (the 350M twins need not fit together), each with its own peak memory
         for name, config, tables in specs:
@@ -205,9 +209,6 @@ def bench_train(bc, device, dtype):
             torch.cuda.empty_cache()
 
     tokens_per_step = bc.batch_size * block_size
-    for runner in runners:
-        if runner.raw_model is not None:
-            runner.summary = summarize(runner)
     dense_time = statistics.median(runners[0].times)
     dense_flops = runners[0].summary["flops"]
     uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / tokens_per_step for b in make(10)]
@@ -271,7 +272,10 @@ def bench_decode(bc, device, dtype):
         if kind == "offload":
             sample.offload_for_inference(model, device, bc.table_cache_fraction, bc.batch_size, dtype)
         idx = prompt.to(device)
-        run = lambda: outputs.__setitem__(kind, model.generate(idx, bc.new_tokens, temperature=0))
+
+        def run():
+            outputs[kind] = model.generate(idx, bc.new_tokens, temperature=0)
+
         for _ in range(bc.warmup):
             run()
         prefill = [timed(device, lambda: model.generate(idx, 1, temperature=0)) for _ in range(bc.rounds)]
@@ -367,8 +371,6 @@ def loss_spikes(losses, margin, warmup=50):
 
 def bench_compare(bc):
     """Train every variant with train.py on the same tokens; write results.{md,json,png}."""
-    import json
-    import shutil
     extra = [a for a in bc.train_args.split() if a]
     rows = []
     for variant in (v.strip() for v in bc.variants.split(",") if v.strip()):
@@ -401,7 +403,6 @@ def bench_compare(bc):
 
 
 def write_results(bc, rows):
-    import json
     dense = next((r for r in rows if r["variant"] == "dense"), rows[0])
     lines = [f"dataset {bc.dataset}, {bc.max_iters} steps each, same batches (seed {bc.seed}); FLOPs are forward "
              f"matmul FLOPs/token; spikes: steps with loss > {1 + bc.spike_margin:.2f} x running mean", "",
