@@ -4,6 +4,7 @@ document, streaming in small chunks, reuse of a tokenizer, clear errors."""
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -60,8 +61,8 @@ def test_bins_decode_back_to_the_input_files(tmp_path, chunk_bytes):
     meta, docs = documents_of(out)
     kept = {p: t for p, t in sorted(texts.items()) if "skipme" not in p}
     want = {"train": [], "val": []}
-    for path in sorted(text_prepare.input_files(tc)):
-        want["val" if text_prepare.is_val(path, 0.2) else "train"].append(kept[path])
+    for path, name in text_prepare.input_files(tc):
+        want["val" if text_prepare.is_val(name, 0.2) else "train"].append(kept[path])
     assert docs == want
     assert len(docs["val"]) >= 3 and len(docs["train"]) >= 20         # about a fifth held out
     assert counts["train"] == len(np.fromfile(out / "train.bin", dtype="uint16"))
@@ -77,6 +78,13 @@ def test_reusing_a_tokenizer_and_max_bytes(tmp_path):
                                                  tokenizer=str(first / "tokenizer.json")))
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+    # the same corpus elsewhere on disk: the same split, the same BPE, the same bins
+    shutil.copytree(tmp_path / "in", tmp_path / "moved" / "corpus")
+    third = tmp_path / "third"
+    text_prepare.prepare(text_prepare.TextConfig(input=str(tmp_path / "moved" / "corpus"), out_dir=str(third),
+                                                 vocab_size=300, val_fraction=0.2))
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (first / name).read_bytes() == (third / name).read_bytes()
     small = tmp_path / "small"
     _, counts = text_prepare.prepare(text_prepare.TextConfig(input=str(tmp_path / "in"), out_dir=str(small),
                                                              tokenizer=str(first / "tokenizer.json"),

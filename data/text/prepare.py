@@ -9,8 +9,8 @@ Tokenise local text files into train.bin / val.bin / meta.json for train.py.
         --max_bytes=20000000000                                               # needs `datasets` + network
 
 Every input file is a document (an end-of-text token follows it); a document goes to val
-when a hash of its name falls under val_fraction, so the split is stable across runs and
-machines. Nothing is loaded whole: files are read in chunks of about chunk_bytes that end at a
+when a hash of its name (its path inside the --input folder) falls under val_fraction, so
+the split is the same across runs, machines and places on disk. Nothing is loaded whole: files are read in chunks of about chunk_bytes that end at a
 line break, both to train the BPE (tokenizers counts words as the chunks stream by) and to
 encode (chunks are encoded in parallel batches and appended to the bins). A chunk boundary
 at a line break can merge tokens differently from a whole-file encoding only across that
@@ -49,16 +49,19 @@ class TextConfig:
 
 
 def input_files(tc):
-    """Sorted list of the files named by --input (folders searched recursively with --glob)."""
+    """(path, name) of the files named by --input (folders searched recursively with --glob),
+    in a fixed order. The name is the path relative to the folder given (a lone file: its base
+    name), so that the train/val split does not depend on where the corpus sits on disk."""
     files = []
     for item in (s.strip() for s in tc.input.split(",") if s.strip()):
         if os.path.isfile(item):
-            files.append(item)
+            files.append((item, os.path.basename(item)))
         elif os.path.isdir(item):
             skip = {s.strip() for s in tc.exclude.split(",") if s.strip()}
             for root, dirs, names in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if d not in skip)
-                files += [os.path.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, tc.glob)]
+                files += [(os.path.join(root, n), os.path.relpath(os.path.join(root, n), item).replace(os.sep, "/"))
+                          for n in sorted(names) if fnmatch.fnmatch(n, tc.glob)]
         else:
             raise FileNotFoundError(f"--input '{item}' is neither a file nor a folder")
     if not files:
@@ -81,8 +84,8 @@ def file_documents(tc):
                     return
                 rest = f.readline()          # finish the line so a chunk ends at a line break
                 yield text + rest
-    for path in input_files(tc):
-        yield path, chunks(path)
+    for path, name in input_files(tc):
+        yield name, chunks(path)
 
 
 def hf_documents(tc):
@@ -121,7 +124,7 @@ def stream(tc, progress):
 def total_bytes(tc):
     if tc.hf_dataset:
         return tc.max_bytes or None
-    size = sum(os.path.getsize(p) for p in input_files(tc))
+    size = sum(os.path.getsize(path) for path, _ in input_files(tc))
     return min(size, tc.max_bytes) if tc.max_bytes else size
 
 
