@@ -10,9 +10,10 @@ Tokenise local text files into train.bin / val.bin / meta.json for train.py.
 
 Every input file is a document (an end-of-text token follows it); a document goes to val
 when a hash of its name (its path inside the --input folder) falls under val_fraction, so
-the split is the same across runs, machines and places on disk. Nothing is loaded whole: files are read in chunks of about chunk_bytes that end at a
-line break, both to train the BPE (tokenizers counts words as the chunks stream by) and to
-encode (chunks are encoded in parallel batches and appended to the bins). A chunk boundary
+the split is the same across runs, machines and places on disk. Nothing is loaded whole:
+files are read in chunks of about chunk_bytes that end at a line break, both to train the
+BPE (tokenizers counts words as the chunks stream by) and to encode (chunks are encoded in
+parallel batches and appended to the bins). A chunk boundary
 at a line break can merge tokens differently from a whole-file encoding only across that
 line break.
 """
@@ -60,8 +61,8 @@ def input_files(tc):
             skip = {s.strip() for s in tc.exclude.split(",") if s.strip()}
             for root, dirs, names in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if d not in skip)
-                files += [(os.path.join(root, n), os.path.relpath(os.path.join(root, n), item).replace(os.sep, "/"))
-                          for n in sorted(names) if fnmatch.fnmatch(n, tc.glob)]
+                paths = [os.path.join(root, n) for n in sorted(names) if fnmatch.fnmatch(n, tc.glob)]
+                files += [(p, os.path.relpath(p, item).replace(os.sep, "/")) for p in paths]
         else:
             raise FileNotFoundError(f"--input '{item}' is neither a file nor a folder")
     if not files:
