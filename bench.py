@@ -32,13 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import configurator
 import offload
 import stem
 import train
+from configurator import UsageError, knob
 from model import GPT, GPTConfig, gpu_peak_flops
 
 PRESETS = {
     "tiny": dict(vocab_size=2048, block_size=128, n_layer=4, n_head=4, n_embd=256),
+    "mid": dict(vocab_size=32768, block_size=256, n_layer=8, n_head=8, n_embd=512, tie_embeddings=True),
     "350m": dict(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_embd=1024,
                  d_ff=2816, tie_embeddings=True),
 }
@@ -46,32 +49,35 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    mode: str = "train"             # train | decode | cache
-    preset: str = "tiny"            # tiny | 350m
-    batch_size: int = 8
-    tables: str = "both"            # train/decode: resident | offload | both
-    table_cache_fraction: float = 0.1
-    new_tokens: int = 64            # decode: tokens generated per timed run
-    prompt_tokens: int = 128        # decode: prefill length
-    dataset: str = "facts"          # cache: the dataset whose batches are replayed
-    block_size: int = 0             # cache: 0 means the preset's
-    n_batches: int = 200            # cache: batches (and decode steps) replayed
+    mode: str = knob("train", choices=("train", "decode", "cache", "compare"))
+    preset: str = knob("tiny", choices=tuple(PRESETS))
+    batch_size: int = knob(8, ge=1)
+    tables: str = knob("both", choices=("resident", "offload", "both"))     # train/decode
+    table_cache_fraction: float = knob(0.1, gt=0, le=1)
+    new_tokens: int = knob(64, ge=1)            # decode: tokens generated per timed run
+    prompt_tokens: int = knob(128, ge=2)        # decode: prefill length
+    dataset: str = "facts"                      # cache/compare: the dataset
+    block_size: int = knob(0, ge=0)             # cache: 0 means the preset's
+    n_batches: int = knob(200, ge=2)            # cache: batches (and decode steps) replayed
     cache_fractions: str = "0.01,0.05,0.1,0.25"
     variants: str = "dense,stem:third,stem:half,stem:full,hash_moe:16x1,moe:8x2"   # compare
-    max_iters: int = 600            # compare: steps per variant (batch and context from train.py)
-    out_dir: str = "out-compare"    # compare: one folder per variant, plus results.md/json/png
-    train_args: str = ""            # compare: extra --key=value flags for every run, space-separated
-    spike_margin: float = 0.2       # compare: a spike is a loss above (1 + margin) x its running mean
-    steps: int = 20                 # timed steps per model per round
-    rounds: int = 3
-    warmup: int = 3
+    max_iters: int = knob(600, ge=1)            # compare: steps per variant (batch and context from train.py)
+    out_dir: str = "out-compare"                # compare: one folder per variant, plus results.md/json/png
+    train_args: str = ""                        # compare: extra --key=value flags for every run, space-separated
+    spike_margin: float = knob(0.2, gt=0)       # compare: a spike is a loss above (1 + margin) x its running mean
+    steps: int = knob(20, ge=1)                 # timed steps per model per round
+    rounds: int = knob(3, ge=1)
+    warmup: int = knob(3, ge=1)
     stem_layers: str = "full"
-    stem_variant: str = "up"
-    zipf_exponent: float = 1.1
+    stem_variant: str = knob("up", choices=stem.VARIANTS)
+    zipf_exponent: float = knob(1.1, gt=0)
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = knob("auto", choices=configurator.DTYPES)
     compile: bool = False
-    seed: int = 0
+    seed: int = knob(0, ge=0)
+
+    def __post_init__(self):
+        configurator.check(self)
 
 
 def zipf_batch(batch_size, block_size, vocab_size, exponent, generator):
@@ -84,7 +90,7 @@ def zipf_batch(batch_size, block_size, vocab_size, exponent, generator):
 
 
 class Runner:
-    """One model, its optimiser, and a step function identical to train.py's.
+    """One model and its optimiser, stepped by train.py's own train_step.
     tables: None (dense AdamW over resident tables, the paper's), "resident" or "offload"
     (both with lazy AdamW through offload.SparseTables)."""
 
@@ -100,7 +106,7 @@ class Runner:
         self.optimizer = train.configure_optimizer(self.model, self.tc, device)
         if bc.compile:
             self.model = torch.compile(self.model)
-        self.ctx = train.autocast_context(device, dtype)
+        self.ctx = configurator.autocast_context(device, dtype)
         self.device = device
         self.times, self.peak_memory = [], 0
 
@@ -116,14 +122,7 @@ class Runner:
             self.raw_model.tables.prepare(batch.row_index_cpu, key=batch.row_index.unique_ids)
 
     def step(self, batch):
-        with self.ctx:
-            _, loss = self.model(batch.x, batch.y, batch.row_index)
-        loss.backward()
-        train.clip_grads(self.raw_model, self.tc)
-        if self.sparse:
-            self.raw_model.tables.step(self.tc.learning_rate, train.table_clip_of(self.tc))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        train.train_step(self.model, self.optimizer, lambda: batch, self.tc, self.tc.learning_rate, self.ctx)
 
 
 def timed(device, fn):
@@ -153,8 +152,6 @@ def time_steps(runner, windows):
 
 
 def table_kinds(bc):
-    if bc.tables not in ("resident", "offload", "both"):
-        raise train.UsageError(f"tables must be resident, offload or both, got '{bc.tables}'")
     return ["resident", "offload"] if bc.tables == "both" else [bc.tables]
 
 
@@ -312,8 +309,8 @@ def lfu_replay(stream, vocab_size, n_cached, n_transient):
 
 def bench_cache(bc):
     """Dedup and LFU hit rates on a dataset, for training batches and for decoding."""
-    meta = train.load_meta(bc.dataset)
-    data = np.memmap(os.path.join(train.data_dir_of(bc.dataset), "train.bin"), dtype=meta["dtype"], mode="r")
+    meta = configurator.load_meta(bc.dataset)
+    data = np.memmap(os.path.join(configurator.data_dir_of(bc.dataset), "train.bin"), dtype=meta["dtype"], mode="r")
     vocab_size, T, B = meta["vocab_size"], bc.block_size or PRESETS[bc.preset]["block_size"], bc.batch_size
     rng = np.random.default_rng(bc.seed)
     starts = rng.integers(0, len(data) - T - 1, size=(bc.n_batches, B))
@@ -354,7 +351,7 @@ def variant_overrides(variant):
     if family in ("moe", "hash_moe", "expert_choice", "mot"):
         experts, _, k = (arg or "8").partition("x")
         return {"ffn": family, "n_experts": int(experts), "moe_top_k": int(k or 1), "stem_layers": "full"}
-    raise train.UsageError(f"unknown variant '{variant}': use dense, stem:LAYERS, moe:ExK, hash_moe:E, "
+    raise UsageError(f"unknown variant '{variant}': use dense, stem:LAYERS, moe:ExK, hash_moe:E, "
                            f"expert_choice:ExK or mot:E")
 
 
@@ -381,7 +378,8 @@ def bench_compare(bc):
                 f"--eval_interval={bc.max_iters}", f"--seed={bc.seed}", f"--device={bc.device}"] + extra
         args += [f"--{k}={v}" for k, v in variant_overrides(variant).items()]
         print(f"== {variant}: python train.py {' '.join(args)}")
-        train_overrides, model_overrides = train.split_overrides(train.parse_overrides(args, train.TrainConfig, GPTConfig))
+        overrides = configurator.parse_overrides(args, train.TrainConfig, GPTConfig)
+        train_overrides, model_overrides = configurator.split_overrides(overrides, train.TrainConfig)
         tc = train.TrainConfig(**train_overrides)
         summary = train.train(tc, model_overrides)
         checkpoint = torch.load(summary["ckpt_path"], map_location="cpu", weights_only=False)
@@ -443,10 +441,8 @@ def write_results(bc, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        bc = BenchConfig(**train.parse_overrides(argv, BenchConfig))
-        device, dtype = train.resolve_device(bc.device, bc.dtype)
-        if bc.preset not in PRESETS:
-            raise train.UsageError(f"preset must be one of {list(PRESETS)}, got '{bc.preset}'")
+        bc = BenchConfig(**configurator.parse_overrides(argv, BenchConfig))
+        device, dtype = configurator.resolve_device(bc.device, bc.dtype)
         if bc.mode == "train":
             return bench_train(bc, device, dtype)
         if bc.mode == "decode":
@@ -455,8 +451,7 @@ def main(argv=None):
             return bench_cache(bc)
         if bc.mode == "compare":
             return bench_compare(bc)
-        raise train.UsageError(f"mode must be train, decode, cache or compare, got '{bc.mode}'")
-    except train.UsageError as e:
+    except UsageError as e:
         sys.exit(f"error: {e}")
 
 

@@ -21,55 +21,57 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import configurator
 import moe
 import stem
+from configurator import UsageError, knob
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 64
-    vocab_size: int = 2048
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0          # 0 means n_head (plain multi-head); fewer = grouped-query
-    n_embd: int = 128
-    d_ff: int = 0               # 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64
-    dropout: float = 0.0
+    block_size: int = knob(64, ge=1)            # context length
+    vocab_size: int = knob(2048, ge=1)          # train.py sets it from the dataset's meta.json
+    n_layer: int = knob(4, ge=1)
+    n_head: int = knob(4, ge=1)
+    n_kv_head: int = knob(0, ge=0)              # 0 means n_head (plain multi-head); fewer = grouped-query
+    n_embd: int = knob(128, ge=2)
+    d_ff: int = knob(0, ge=0)                   # 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64
+    dropout: float = knob(0.0, ge=0, lt=1)
     tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    ffn: str = "stem"           # dense | stem | a moe.py baseline: moe | expert_choice | hash_moe | mot
+    rope_theta: float = knob(10000.0, gt=0)
+    ffn: str = knob("stem", choices=("dense", "stem") + moe.FAMILIES)  # a moe.py baseline: moe | expert_choice | hash_moe | mot
     stem_layers: str = "full"   # which layers get the sparse FFN (STEM or a baseline): none | third |
                                 # half | full | explicit list "1,3,5"; layer 0 stays dense
-    stem_variant: str = "up"    # up (the paper's STEM) | gate | up+table (ablations)
+    stem_variant: str = knob("up", choices=stem.VARIANTS)   # up (the paper's STEM) | gate | up+table (ablations)
     # the moe.py baselines (ffn=moe|expert_choice|hash_moe|mot); see moe.py
-    n_experts: int = 8
-    moe_top_k: int = 1
-    expert_d_ff: int = 0        # 0 means d_ff; smaller with more experts = fine-grained experts
-    n_shared_experts: int = 0
-    capacity_factor: float = 0.0    # 0: no capacity limit (no dropped tokens)
-    router_noise: float = 0.0
-    balance_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    hash_assignment: str = "random"  # random | balanced (by training-token frequency)
+    n_experts: int = knob(8, ge=1)
+    moe_top_k: int = knob(1, ge=1)
+    expert_d_ff: int = knob(0, ge=0)            # 0 means d_ff; smaller with more experts = fine-grained experts
+    n_shared_experts: int = knob(0, ge=0)
+    capacity_factor: float = knob(0.0, ge=0)    # 0: no capacity limit (no dropped tokens)
+    router_noise: float = knob(0.0, ge=0)
+    balance_loss_coef: float = knob(0.01, ge=0)
+    z_loss_coef: float = knob(0.0, ge=0)
+    hash_assignment: str = knob("random", choices=("random", "balanced"))  # balanced: by training-token frequency
 
     def __post_init__(self):
+        configurator.check(self)
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.d_ff == 0:
             self.d_ff = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+            raise UsageError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                              f"and n_head by n_kv_head ({self.n_kv_head})")
         if (self.n_embd // self.n_head) % 2:
-            raise ValueError("head size n_embd/n_head must be even for RoPE")
-        if self.ffn not in ("dense", "stem") + moe.FAMILIES:
-            raise ValueError(f"ffn must be one of {('dense', 'stem') + moe.FAMILIES}, got {self.ffn!r}")
-        if self.stem_variant not in stem.VARIANTS:
-            raise ValueError(f"stem_variant must be one of {stem.VARIANTS}, got {self.stem_variant!r}")
-        if self.ffn in moe.FAMILIES:
-            moe.top_k_of(self)                    # checks moe_top_k against n_experts
-        self.sparse_layer_ids = stem.select_layers(self.stem_layers if self.ffn != "dense" else "none",
-                                                   self.n_layer)
+            raise UsageError("head size n_embd/n_head must be even for RoPE")
+        try:
+            if self.ffn in moe.FAMILIES:
+                moe.top_k_of(self)                    # checks moe_top_k against n_experts
+            self.sparse_layer_ids = stem.select_layers(self.stem_layers if self.ffn != "dense" else "none",
+                                                       self.n_layer)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         self.stem_layer_ids = self.sparse_layer_ids if self.ffn == "stem" else ()
 
 
@@ -83,10 +85,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 so bf16 activations do not lose the mean square
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # normalise in float32 so that bf16 activations do not lose the mean square
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
 
 
 def rope_cache(head_dim, max_len, theta, device=None):
@@ -390,12 +390,14 @@ def gpu_peak_flops(device_name=None):
 if __name__ == "__main__":
     # python model.py config/stem_350m.py [--stem_layers=half ...]: sizes and FLOPs of a config
     import sys
-
-    import train
     argv = sys.argv[1:]
-    train_overrides, model_overrides = train.split_overrides(train.parse_overrides(argv, train.TrainConfig, GPTConfig))
+    try:
+        # config files also set training keys: keep the model's
+        config = GPTConfig(**configurator.parse_overrides(argv, GPTConfig, files_set_other_keys=True))
+    except UsageError as e:
+        sys.exit(f"error: {e}")
     with torch.device("meta"):      # count without allocating 3B-parameter tables
-        model = GPT(GPTConfig(**model_overrides))
+        model = GPT(config)
     total, active = model.num_params()
     flops = model.flops_per_token()
     print(f"{' '.join(argv) or 'defaults'}: total {total / 1e6:.1f}M, active {active / 1e6:.1f}M, "

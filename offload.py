@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.optim.adamw import adamw
 
 
 def pinned_empty(shape, dtype, pin):
@@ -132,27 +133,32 @@ class RowGather(torch.autograd.Function):
 
 
 class LazyAdamW:
-    """AdamW restricted to given rows, in torch.optim.AdamW's arithmetic, so that a row
-    touched at every step follows dense AdamW exactly; untouched rows do not move (no
-    decay, no moment decay). Bias correction uses the global step."""
+    """AdamW restricted to given rows: torch's own fused AdamW kernel run on the gathered
+    rows, so that a row touched at every step follows dense AdamW exactly; untouched rows
+    do not move (no decay, no moment decay). Bias correction uses the global step."""
 
     def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
-        self.step_count = 0
+        self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it
+
+    @property
+    def step_count(self):
+        return int(self.step)
+
+    @step_count.setter
+    def step_count(self, value):
+        self.step.fill_(value)
 
     def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr):
         """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...)."""
-        self.step_count += 1
-        w, m, v = weight[slots], exp_avg[slots], exp_avg_sq[slots]
-        w.mul_(1 - lr * self.weight_decay)
-        m.lerp_(grad, 1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        bias1 = 1 - self.beta1 ** self.step_count
-        bias2 = 1 - self.beta2 ** self.step_count
-        denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
-        w.addcdiv_(m, denom, value=-lr / bias1)
-        weight[slots], exp_avg[slots], exp_avg_sq[slots] = w, m, v
+        w, m, v = weight[slots], exp_avg[slots], exp_avg_sq[slots]                # (K, ...) each
+        self.step = self.step.to(w.device)
+        adamw([w], [grad], [m], [v], [], [self.step], fused=True, amsgrad=False,
+                beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
+              eps=self.eps, maximize=False)              # increments self.step
+        for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
+            pool.index_copy_(0, slots, rows)
 
 
 class SparseTables(nn.Module):
@@ -336,7 +342,7 @@ class SparseTables(nn.Module):
         if max_norm > 0:
             grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr)
-        self.grad_pool[slots_dev] = 0
+        self.grad_pool.index_fill_(0, slots_dev, 0)
         self.release()
         return norm
 

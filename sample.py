@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+import configurator
 import offload
 import stem
-import train
+from configurator import UsageError
 from model import GPT, GPTConfig
 
 
@@ -45,21 +46,20 @@ class SampleConfig:
     compare: bool = False           # with swap: print the unedited completion too
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", need_tokenizer=True):
     """Load a checkpoint written by train.py (its folder or the file) and return
     (model, tokenizer): the model in eval mode on `device`, the tokenizer it was trained
-    with (stored inside the checkpoint, so the data folder is not needed)."""
-    ckpt_path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    if not os.path.exists(ckpt_path):
-        raise train.UsageError(f"no checkpoint at {ckpt_path}: train one with `python train.py` first")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    with (stored inside the checkpoint, so the data folder is not needed; None for data
+    without one when need_tokenizer=False)."""
+    checkpoint, ckpt_path = configurator.read_checkpoint(path)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
-    if checkpoint["tokenizer_json"] is None:
-        raise train.UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
+    if checkpoint["tokenizer_json"] is None and need_tokenizer:
+        raise UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
     model.eos_id = checkpoint["meta"]["eos_id"]
     model.dataset, model.data_dtype = checkpoint["train_config"]["dataset"], checkpoint["meta"]["dtype"]
-    return model.to(device).eval(), Tokenizer.from_str(checkpoint["tokenizer_json"])
+    tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"]) if checkpoint["tokenizer_json"] else None
+    return model.to(device).eval(), tokenizer
 
 
 def offload_for_inference(model, device, cache_fraction, batch_size=1, dtype="float32"):
@@ -99,7 +99,7 @@ def parse_swaps(text):
     for item in (s for s in text.split(",") if s.strip()):
         source, colon, target = item.partition(":")
         if not colon or not source.strip() or not target.strip():
-            raise train.UsageError(f"swap expects A:B pairs such as Spain:Germany, got '{item}'")
+            raise UsageError(f"swap expects A:B pairs such as Spain:Germany, got '{item}'")
         pairs.append((source.strip(), target.strip()))
     return pairs
 
@@ -110,7 +110,7 @@ def apply_swaps(model, tokenizer, pairs, prompt=None, known_ids=None):
     training) is an error: its rows were never trained. A source word absent from the
     prompt only gets a warning: the edit is valid but changes nothing there."""
     if model.tables is None:
-        raise train.UsageError("this checkpoint is a dense model: it has no STEM rows to swap")
+        raise UsageError("this checkpoint is a dense model: it has no STEM rows to swap")
     prompt_ids = tokenizer.encode(prompt).ids if prompt is not None else None
     edits = []
     for source, target in pairs:
@@ -118,10 +118,10 @@ def apply_swaps(model, tokenizer, pairs, prompt=None, known_ids=None):
         for word, ids in ((source, source_ids), (target, target_ids)):
             unseen = [tokenizer.id_to_token(i) for i in ids if known_ids is not None and i not in known_ids]
             if unseen:
-                raise train.UsageError(f"unknown word '{word}': its tokens {unseen} never occur in the "
+                raise UsageError(f"unknown word '{word}': its tokens {unseen} never occur in the "
                                        f"training data, so their rows are untrained")
         if set(source_ids) & set(target_ids):
-            raise train.UsageError(f"'{source}' and '{target}' share tokens; a swap between them is not clean")
+            raise UsageError(f"'{source}' and '{target}' share tokens; a swap between them is not clean")
         if prompt_ids is not None and not contains(prompt_ids, source_ids):
             warnings.warn(f"'{source}' does not occur in the prompt (as ' {source}'); this swap changes nothing there")
         edits.append(stem.swap_rows(model.tables, source_ids, target_ids))
@@ -135,7 +135,7 @@ def contains(ids, part):
 def training_token_ids(model):
     """The set of token ids in the model's training data, or None when that data is not
     on this machine (the unknown-word check is then skipped)."""
-    path = os.path.join(train.data_dir_of(model.dataset), "train.bin")
+    path = os.path.join(configurator.data_dir_of(model.dataset), "train.bin")
     if not os.path.exists(path):
         return None
     data = np.memmap(path, dtype=model.data_dtype, mode="r")
@@ -148,13 +148,13 @@ def main(argv=None):
     swaps = [a.partition("=")[2] for a in argv if a.startswith("--swap=")]
     argv = [a for a in argv if not a.startswith("--swap=")] + ([f"--swap={','.join(swaps)}"] if swaps else [])
     try:
-        sc = SampleConfig(**train.parse_overrides(argv, SampleConfig))
-        device, dtype = train.resolve_device(sc.device, sc.dtype)
+        sc = SampleConfig(**configurator.parse_overrides(argv, SampleConfig))
+        device, dtype = configurator.resolve_device(sc.device, sc.dtype)
         model, tokenizer = load_checkpoint(sc.out_dir, device)
         if sc.tables == "offload" and model.tables is not None:
             offload_for_inference(model, device, sc.table_cache_fraction, sc.num_samples, dtype)
         elif sc.tables not in ("resident", "offload"):
-            raise train.UsageError(f"tables must be resident or offload, got '{sc.tables}'")
+            raise UsageError(f"tables must be resident or offload, got '{sc.tables}'")
         prompt = sc.start
         if prompt.startswith("FILE:"):
             with open(prompt[5:], encoding="utf-8") as f:
@@ -163,7 +163,7 @@ def main(argv=None):
 
         def completions():
             generator = torch.Generator(device=device).manual_seed(sc.seed)
-            with train.autocast_context(device, dtype):
+            with configurator.autocast_context(device, dtype):
                 return [complete(model, tokenizer, prompt, sc.max_new_tokens, sc.temperature, sc.top_k or None,
                                  generator) for _ in range(sc.num_samples)]
 
@@ -171,7 +171,7 @@ def main(argv=None):
         if pairs:
             apply_swaps(model, tokenizer, pairs, prompt, training_token_ids(model))
         after = completions()
-    except (train.UsageError, ValueError, OSError) as e:
+    except (UsageError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     edited = ", ".join(f"{a} -> {b}" for a, b in pairs)
     for i, text in enumerate(after):

@@ -82,12 +82,15 @@ class StemRows:
     """The looked-up rows of one batch for all STEM layers, and how to expand them."""
 
     def __init__(self, unique_rows, inverse):
-        self.unique_rows = unique_rows      # (U, n_stem, d_ff)
-        self.inverse = inverse              # (B, T) indices into U
+        self.layer_rows = unique_rows.unbind(1)     # n_stem views (U, d_ff), one per STEM layer
+        self.inverse = inverse                      # (B, T) indices into U
 
     def layer(self, slot):
-        # gather U rows once, expand per position here: (U, d_ff) -> (B, T, d_ff)
-        return self.unique_rows[:, slot][self.inverse]
+        """Layer `slot`'s rows at every position: (U, d_ff) -> (B, T, d_ff). An embedding
+        lookup: its backward adds the gradients of a row's positions into a (U, d_ff)
+        gradient in position order (deterministic on the CPU), and the per-layer gradients
+        are stacked into (U, n_stem, d_ff) once, not zero-filled at full size per layer."""
+        return F.embedding(self.inverse, self.layer_rows[slot])
 
 
 class ResidentTables(nn.Module):
@@ -216,121 +219,3 @@ class EmbeddingRows:
     @torch.no_grad()
     def write_rows(self, ids, rows):
         self.embedding.weight[torch.as_tensor(ids, device=self.embedding.weight.device)] = rows.to(self.embedding.weight)
-
-
-# -----------------------------------------------------------------------------
-# table analysis (the paper's figures: rows nearly orthogonal, |cos| P95 about 0.03,
-# against about 0.15 for a dense FFN's up-projection outputs)
-
-def abs_cosine_stats(vectors, n_pairs=20000, seed=0):
-    """Mean, P50 and P95 of |cos| between random pairs of distinct rows of vectors (N, d)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = vectors.size(0)
-    i = torch.randint(n, (n_pairs,), generator=generator)
-    j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n      # j != i
-    v = F.normalize(vectors.double(), dim=-1)
-    cos = (v[i] * v[j]).sum(-1).abs()
-    return {"mean": cos.mean().item(), "p50": cos.quantile(0.5).item(), "p95": cos.quantile(0.95).item()}
-
-
-def distinct_rows_by_length(tokens, lengths, n_windows=200, seed=0):
-    """Mean number of distinct token ids (so distinct table rows per STEM layer) in
-    windows of each length drawn from a 1-D token array."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
-    out = {}
-    for length in lengths:
-        starts = torch.randint(len(tokens) - length, (n_windows,), generator=generator)
-        out[length] = sum(tokens[s:s + length].unique().numel() for s in starts.tolist()) / n_windows
-    return out
-
-
-def analyze(argv):
-    """python stem.py --out_dir=STEM_CKPT [--dense_out_dir=DENSE_CKPT] [--dataset=facts]
-    Pairwise |cos| of table rows per STEM layer (rows of ids that occur in the val split)
-    against the dense twin's up-projection outputs on val text, and distinct rows per
-    sequence length. Writes table_analysis.png beside the checkpoint if matplotlib exists."""
-    import os
-    import sys
-    from dataclasses import dataclass
-
-    import numpy as np
-
-    import sample
-    import train
-
-    @dataclass
-    class AnalysisConfig:
-        out_dir: str = "out-facts"
-        dense_out_dir: str = ""
-        dataset: str = "facts"
-        max_rows: int = 2000
-        seed: int = 0
-
-    try:
-        ac = AnalysisConfig(**train.parse_overrides(argv, AnalysisConfig))
-        model, _ = sample.load_checkpoint(ac.out_dir)
-        meta = train.load_meta(ac.dataset)
-    except train.UsageError as e:
-        sys.exit(f"error: {e}")
-    if model.tables is None:
-        sys.exit(f"error: {ac.out_dir} is a dense model; --out_dir takes a STEM checkpoint")
-    val = np.memmap(os.path.join(train.data_dir_of(ac.dataset), "val.bin"), dtype=meta["dtype"], mode="r")
-    tokens = torch.from_numpy(np.asarray(val[: 200_000]).astype(np.int64))
-    generator = torch.Generator().manual_seed(ac.seed)
-    seen = tokens.unique()
-    ids = seen[torch.randperm(len(seen), generator=generator)[: ac.max_rows]]
-    table = model.tables.read_rows(ids)                                   # (K, n_stem, d_ff)
-    stem_layers = model.config.stem_layer_ids
-    print(f"|cos| between table rows of {len(ids)} ids seen in val (paper: P95 about 0.03)")
-    print(f"{'layer':>6}{'mean':>9}{'P50':>9}{'P95':>9}   dense up-proj outputs: mean / P50 / P95 (paper P95 ~0.15)")
-    dense_stats = {}
-    if ac.dense_out_dir:
-        dense, _ = sample.load_checkpoint(ac.dense_out_dir)
-        outputs = {i: [] for i in stem_layers}
-        hooks = [dense.blocks[i].ffn.up.register_forward_hook(
-            lambda module, inputs, output, i=i: outputs[i].append(output.reshape(-1, output.size(-1))))
-            for i in stem_layers]
-        block = dense.config.block_size
-        windows = tokens[: (len(tokens) // block) * block].view(-1, block)[:16]
-        with torch.no_grad():
-            dense(windows, windows)
-        for h in hooks:
-            h.remove()
-        dense_stats = {i: abs_cosine_stats(torch.cat(outputs[i]), seed=ac.seed) for i in stem_layers}
-    rows = []
-    for slot, layer in enumerate(stem_layers):
-        s = abs_cosine_stats(table[:, slot], seed=ac.seed)
-        d = dense_stats.get(layer)
-        rows.append((layer, s, d))
-        dense_text = f"{d['mean']:.3f} / {d['p50']:.3f} / {d['p95']:.3f}" if d else "-"
-        print(f"{layer:>6}{s['mean']:>9.3f}{s['p50']:>9.3f}{s['p95']:>9.3f}   {dense_text}")
-    lengths = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if n <= model.config.block_size]
-    distinct = distinct_rows_by_length(tokens, lengths, seed=ac.seed)
-    print("distinct rows per STEM layer a sequence activates:")
-    print("  " + "  ".join(f"T={n}: {distinct[n]:.1f}" for n in lengths))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot written)")
-        return rows, distinct
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r[0] for r in rows], [r[1]["p95"] for r in rows], "o-", label="STEM table rows")
-    if dense_stats:
-        left.plot([r[0] for r in rows], [r[2]["p95"] for r in rows], "s-", label="dense up-proj outputs")
-    left.set(xlabel="layer", ylabel="P95 |cos|", title="row similarity")
-    left.legend()
-    right.plot(lengths, [distinct[n] for n in lengths], "o-")
-    right.set(xlabel="sequence length", ylabel="distinct rows per layer", xscale="log", yscale="log")
-    path = os.path.join(ac.out_dir, "table_analysis.png")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
-    return rows, distinct
-
-
-if __name__ == "__main__":
-    import sys
-    analyze(sys.argv[1:])

@@ -10,26 +10,23 @@ are Python files of plain assignments; `--key=value` flags come after them. Unkn
 and values of the wrong type stop the run with a message saying what was expected.
 """
 
-import difflib
 import json
 import math
 import os
 import random
 import sys
 import time
-import types
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import configurator
 import offload
 import stem
+from configurator import UsageError, knob
 from model import GPT, GPTConfig
-
-DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @dataclass
@@ -37,139 +34,47 @@ class TrainConfig:
     # I/O
     out_dir: str = "out-facts"
     dataset: str = "facts"          # a folder under data/ (or a path) with train.bin, val.bin, meta.json
-    init_from: str = "scratch"      # scratch | resume (from out_dir/ckpt.pt)
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
+    init_from: str = knob("scratch", choices=("scratch", "resume"))   # resume: from out_dir/ckpt.pt
+    eval_interval: int = knob(250, ge=1)
+    eval_iters: int = knob(20, ge=1)
+    log_interval: int = knob(10, ge=1)
     always_save_checkpoint: bool = True   # else save only when val loss improves
     # data
-    batch_size: int = 32
-    grad_accum_steps: int = 1
+    batch_size: int = knob(32, ge=1)
+    grad_accum_steps: int = knob(1, ge=1)
     # AdamW, warmup + cosine decay to min_lr_ratio * learning_rate
-    learning_rate: float = 3e-3
-    max_iters: int = 2000
-    lr_decay_iters: int = 0         # 0 means max_iters
-    warmup_iters: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0          # on the backbone's gradient norm; 0 disables
+    learning_rate: float = knob(3e-3, gt=0)
+    max_iters: int = knob(2000, ge=0)
+    lr_decay_iters: int = knob(0, ge=0)     # 0 means max_iters
+    warmup_iters: int = knob(100, ge=0)
+    min_lr_ratio: float = knob(0.1, ge=0, le=1)
+    weight_decay: float = knob(0.1, ge=0)
+    beta1: float = knob(0.9, ge=0, lt=1)
+    beta2: float = knob(0.95, ge=0, lt=1)
+    grad_clip: float = knob(1.0, ge=0)      # on the backbone's gradient norm; 0 disables
     # the STEM tables' optimiser group; negative means "same as the backbone" (the paper)
-    table_lr_mult: float = 1.0
+    table_lr_mult: float = knob(1.0, gt=0)
     table_weight_decay: float = -1.0
     table_grad_clip: float = -1.0   # tables are clipped on their own norm, as in the paper
-    table_optimizer: str = "adamw"  # adamw (dense, the paper's) | lazy_adamw (only touched rows move)
-    tables: str = "resident"        # resident (on the device) | offload (host memory + device LFU cache)
-    table_cache_fraction: float = 0.1   # offload: device cache rows as a fraction of the vocabulary
+    table_optimizer: str = knob("adamw", choices=("adamw", "lazy_adamw"))  # adamw: dense, the paper's;
+                                    # lazy_adamw: only touched rows move
+    tables: str = knob("resident", choices=("resident", "offload"))   # offload: host memory + device LFU cache
+    table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
+    dtype: str = knob("auto", choices=configurator.DTYPES)   # auto: bfloat16 on CUDA, float32 on CPU
     compile: bool = False
-    seed: int = 1337
+    seed: int = knob(1337, ge=0)
 
-
-class UsageError(Exception):
-    """A mistake the user can fix (bad key, missing data); printed without a traceback."""
-
-
-# -----------------------------------------------------------------------------
-# configuration: config files and --key=value flags over dataclass defaults
-
-def parse_overrides(argv, *config_classes):
-    """Read config files and --key=value flags into {key: value}, checked against the
-    fields of the given dataclasses. Later arguments win."""
-    field_types = {f.name: f.type for cls in config_classes for f in fields(cls)}
-    overrides = {}
-
-    def set_value(key, value, source):
-        if key not in field_types:
-            close = difflib.get_close_matches(key, field_types, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UsageError(f"unknown config key '{key}' in {source}{hint}")
-        overrides[key] = convert(key, value, field_types[key], source)
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise UsageError(f"flags take the form --key=value, got '{arg}'")
-            set_value(key, value, "the command line")
-        else:
-            if not os.path.isfile(arg):
-                raise UsageError(f"config file '{arg}' not found")
-            namespace = {}
-            exec(open(arg).read(), {"__file__": arg}, namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_") and not isinstance(value, types.ModuleType):
-                    set_value(key, value, arg)
-    return overrides
-
-
-def convert(key, value, typ, source):
-    """A flag string (or a config file's value) as the field's type, or a UsageError."""
-    if isinstance(value, str) and typ is not str:
-        text = value.strip().lower()
-        try:
-            if typ is bool:
-                if text not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return text in ("true", "1", "yes")
-            return typ(value)
-        except ValueError:
-            raise UsageError(f"'{key}' expects {typ.__name__}, got '{value}' in {source}") from None
-    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise UsageError(f"'{key}' expects {typ.__name__}, got {value!r} in {source}")
-    return value
-
-
-def split_overrides(overrides):
-    train_keys = {f.name for f in fields(TrainConfig)}
-    return ({k: v for k, v in overrides.items() if k in train_keys},
-            {k: v for k, v in overrides.items() if k not in train_keys})
-
-
-def resolve_device(device, dtype):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={device} but CUDA is not available; use --device=cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"dtype must be auto, float32 or bfloat16, got '{dtype}'")
-    return device, dtype
-
-
-def autocast_context(device, dtype):
-    """bf16 autocast with fp32 master weights; plain float32 otherwise."""
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return nullcontext()
+    def __post_init__(self):
+        configurator.check(self)
+        if self.tables == "offload" and self.table_optimizer != "lazy_adamw":
+            raise UsageError("tables=offload needs table_optimizer=lazy_adamw: dense AdamW would touch every "
+                             "host row every step")
 
 
 # -----------------------------------------------------------------------------
 # data
-
-def data_dir_of(dataset):
-    return dataset if os.path.isdir(dataset) else os.path.join(DATA_ROOT, dataset)
-
-
-def load_meta(dataset):
-    """The dataset's meta.json, or a UsageError naming the command that writes it."""
-    data_dir = data_dir_of(dataset)
-    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.exists(os.path.join(data_dir, f))]
-    if missing:
-        prepare = os.path.join(DATA_ROOT, dataset, "prepare.py")
-        how = (f"run `python {os.path.relpath(prepare)}` first" if os.path.exists(prepare)
-               else "prepare it with data/text/prepare.py (see README)")
-        raise UsageError(f"dataset '{dataset}' is missing {', '.join(missing)} in {data_dir}: {how}")
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
-
 
 class Batch:
     """x, y: (B, T) int64 on the device; row_index: the STEM dedup of x on the device and
@@ -252,8 +157,8 @@ def configure_optimizer(model, tc, device):
     if table_params:
         table_decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
         groups.append({"params": table_params, "weight_decay": table_decay, "lr_mult": tc.table_lr_mult})
-    fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=fused)
+    # fused: one pass over each tensor (weights, gradient, both moments), on the CPU too
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
 
 
 def lr_at(it, tc):
@@ -275,13 +180,6 @@ def table_clip_of(tc):
 def use_table_options(model, tc, config, device):
     """Apply tables= and table_optimizer=: with lazy_adamw the tables become
     offload.SparseTables (resident, or offloaded with an LFU cache). True if so."""
-    if tc.table_optimizer not in ("adamw", "lazy_adamw"):
-        raise UsageError(f"table_optimizer must be adamw or lazy_adamw, got '{tc.table_optimizer}'")
-    if tc.tables not in ("resident", "offload"):
-        raise UsageError(f"tables must be resident or offload, got '{tc.tables}'")
-    if tc.tables == "offload" and tc.table_optimizer != "lazy_adamw":
-        raise UsageError("tables=offload needs table_optimizer=lazy_adamw: dense AdamW would touch every "
-                         "host row every step")
     if model.tables is None or tc.table_optimizer == "adamw":
         return False
     decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
@@ -316,6 +214,27 @@ def clip_grads(model, tc):
         else:
             norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
     return norms
+
+
+def train_step(model, optimizer, next_batch, tc, lr, ctx):
+    """One optimiser step: forward and backward of tc.grad_accum_steps micro-batches (each
+    from next_batch()), the backbone and the tables clipped on their own norms, the lazy
+    table step (SparseTables) and AdamW. Returns (the last micro-batch's loss, backbone
+    gradient norm, table gradient norm) as tensors: nothing here waits for the device."""
+    raw_model = getattr(model, "_orig_mod", model)       # under torch.compile
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    for _ in range(tc.grad_accum_steps):
+        batch = next_batch()
+        with ctx:
+            _, loss = model(batch.x, batch.y, batch.row_index)
+        (loss / tc.grad_accum_steps).backward()
+    grad_norm, table_grad_norm = clip_grads(raw_model, tc)
+    if isinstance(raw_model.tables, offload.SparseTables):
+        table_grad_norm = raw_model.tables.step(lr * tc.table_lr_mult, table_clip_of(tc))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, table_grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -369,9 +288,9 @@ def estimate_loss(model, loaders, eval_iters, ctx):
 
 def train(tc, model_overrides):
     """Run training as configured; return a summary dict (final losses, iterations)."""
-    device, dtype = resolve_device(tc.device, tc.dtype)
-    meta = load_meta(tc.dataset)
-    data_dir = data_dir_of(tc.dataset)
+    device, dtype = configurator.resolve_device(tc.device, tc.dtype)
+    meta = configurator.load_meta(tc.dataset)
+    data_dir = configurator.data_dir_of(tc.dataset)
     os.makedirs(tc.out_dir, exist_ok=True)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
 
@@ -432,7 +351,7 @@ def train(tc, model_overrides):
     raw_model = model
     if tc.compile:
         model = torch.compile(model)
-    ctx = autocast_context(device, dtype)
+    ctx = configurator.autocast_context(device, dtype)
     log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
     tokens_per_iter = tc.batch_size * tc.grad_accum_steps * config.block_size
 
@@ -463,18 +382,7 @@ def train(tc, model_overrides):
             if improved or tc.always_save_checkpoint:
                 checkpoint_now()
         lr = lr_at(iter_num, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
-        for _ in range(tc.grad_accum_steps):
-            batch = train_loader.next()
-            with ctx:
-                _, loss = model(batch.x, batch.y, batch.row_index)
-            (loss / tc.grad_accum_steps).backward()
-        grad_norm, table_grad_norm = clip_grads(raw_model, tc)
-        if sparse:
-            table_grad_norm = raw_model.tables.step(lr * tc.table_lr_mult, table_clip_of(tc))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm, table_grad_norm = train_step(model, optimizer, train_loader.next, tc, lr, ctx)
         iter_num += 1
         pbar.update(1)
         if iter_num % tc.log_interval == 0 or iter_num == tc.max_iters:
@@ -506,7 +414,8 @@ def train(tc, model_overrides):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        train_overrides, model_overrides = split_overrides(parse_overrides(argv, TrainConfig, GPTConfig))
+        overrides = configurator.parse_overrides(argv, TrainConfig, GPTConfig)
+        train_overrides, model_overrides = configurator.split_overrides(overrides, TrainConfig)
         return train(TrainConfig(**train_overrides), model_overrides)
     except UsageError as e:
         sys.exit(f"error: {e}")

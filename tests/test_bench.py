@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import configurator  # noqa: E402
 import train  # noqa: E402
 from test_train import make_dataset  # noqa: E402
 
@@ -26,7 +27,7 @@ def test_variant_names():
     assert bench.variant_overrides("stem:half") == {"ffn": "stem", "stem_layers": "half"}
     assert bench.variant_overrides("moe:8x2") == {"ffn": "moe", "n_experts": 8, "moe_top_k": 2, "stem_layers": "full"}
     assert bench.variant_overrides("hash_moe:16")["moe_top_k"] == 1
-    with pytest.raises(train.UsageError, match="unknown variant"):
+    with pytest.raises(configurator.UsageError, match="unknown variant"):
         bench.variant_overrides("switch:8")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import configurator  # noqa: E402
 import train  # noqa: E402
 from model import GPTConfig  # noqa: E402
 
@@ -48,7 +49,7 @@ def tiny_args(data, out, **extra):
 def test_overrides_convert_types_and_later_wins(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("n_layer = 3\nlearning_rate = 1\ncompile = True\nstem_layers = 'half'\n")
-    o = train.parse_overrides([str(cfg), "--n_layer=5", "--compile=false", "--dropout=0.5"],
+    o = configurator.parse_overrides([str(cfg), "--n_layer=5", "--compile=false", "--dropout=0.5"],
                               train.TrainConfig, GPTConfig)
     assert o == {"n_layer": 5, "learning_rate": 1.0, "compile": False, "stem_layers": "half", "dropout": 0.5}
     assert isinstance(o["learning_rate"], float)
@@ -62,25 +63,25 @@ def test_overrides_convert_types_and_later_wins(tmp_path):
     (["no_such_file.py"], "not found"),
 ])
 def test_bad_flags_give_clear_errors(argv, message):
-    with pytest.raises(train.UsageError, match=message):
-        train.parse_overrides(argv, train.TrainConfig, GPTConfig)
+    with pytest.raises(configurator.UsageError, match=message):
+        configurator.parse_overrides(argv, train.TrainConfig, GPTConfig)
 
 
 def test_config_file_checks_types_and_keys(tmp_path):
     bad_type, bad_key = tmp_path / "t.py", tmp_path / "k.py"
     bad_type.write_text("n_layer = 'four'\n")
     bad_key.write_text("import os\nn_layers = 4\n")
-    with pytest.raises(train.UsageError, match="'n_layer' expects int"):
-        train.parse_overrides([str(bad_type)], train.TrainConfig, GPTConfig)
-    with pytest.raises(train.UsageError, match="unknown config key 'n_layers'.*did you mean 'n_layer'"):
-        train.parse_overrides([str(bad_key)], train.TrainConfig, GPTConfig)
+    with pytest.raises(configurator.UsageError, match="'n_layer' expects int"):
+        configurator.parse_overrides([str(bad_type)], train.TrainConfig, GPTConfig)
+    with pytest.raises(configurator.UsageError, match="unknown config key 'n_layers'.*did you mean 'n_layer'"):
+        configurator.parse_overrides([str(bad_key)], train.TrainConfig, GPTConfig)
 
 
 def test_shipped_configs_parse_and_build():
-    root = os.path.dirname(train.DATA_ROOT)
+    root = os.path.dirname(configurator.DATA_ROOT)
     for name in ("tiny", "stem_350m", "dense_350m", "stem_1b"):
-        overrides = train.parse_overrides([os.path.join(root, "config", f"{name}.py")], train.TrainConfig, GPTConfig)
-        train_keys, model_keys = train.split_overrides(overrides)
+        overrides = configurator.parse_overrides([os.path.join(root, "config", f"{name}.py")], train.TrainConfig, GPTConfig)
+        train_keys, model_keys = configurator.split_overrides(overrides, train.TrainConfig)
         train.TrainConfig(**train_keys)
         GPTConfig(**model_keys)
 
@@ -95,11 +96,11 @@ def test_main_exits_with_message_not_traceback(tmp_path, capsys):
 
 
 def test_missing_prepared_data_names_the_prepare_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "DATA_ROOT", str(tmp_path))
+    monkeypatch.setattr(configurator, "DATA_ROOT", str(tmp_path))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "prepare.py").write_text("")
-    with pytest.raises(train.UsageError, match=r"run `python .*mine/prepare.py` first"):
-        train.load_meta("mine")
+    with pytest.raises(configurator.UsageError, match=r"run `python .*mine/prepare.py` first"):
+        configurator.load_meta("mine")
 
 
 def test_out_of_range_token_in_data_is_a_clear_error(tmp_path):

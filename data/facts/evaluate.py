@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 import prepare as facts  # noqa: E402
 import sample  # noqa: E402
 import stem  # noqa: E402
-import train  # noqa: E402
+import configurator  # noqa: E402
 
 
 @dataclass
@@ -130,13 +130,13 @@ def edit_eval(model, tokenizer, attributes, n_pairs, n_local, seed):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        ec = EvalConfig(**train.parse_overrides(argv, EvalConfig))
+        ec = EvalConfig(**configurator.parse_overrides(argv, EvalConfig))
         model, tokenizer = sample.load_checkpoint(ec.out_dir, ec.device)
         attributes = [a for a in ec.attributes.split(",") if a]
         unknown = set(attributes) - set(facts.ATTRIBUTES)
         if unknown or ec.task not in ("recall", "edit"):
-            raise train.UsageError(f"attributes must be among {facts.ATTRIBUTES} and task recall|edit")
-    except train.UsageError as e:
+            raise configurator.UsageError(f"attributes must be among {facts.ATTRIBUTES} and task recall|edit")
+    except configurator.UsageError as e:
         sys.exit(f"error: {e}")
     kind = "STEM" if model.tables is not None else "dense (input-embedding swap)"
     print(f"{ec.out_dir}: {kind} model, {len(facts.COUNTRIES)} countries")

@@ -395,10 +395,10 @@ def prepare(pc):
 
 def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    import train    # the one override parser: --key=value with type checks
+    import configurator    # the one override parser: --key=value with type checks
     try:
-        pc = PrepareConfig(**train.parse_overrides(sys.argv[1:] if argv is None else argv, PrepareConfig))
-    except train.UsageError as e:
+        pc = PrepareConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, PrepareConfig))
+    except configurator.UsageError as e:
         sys.exit(f"error: {e}")
     return prepare(pc)
 

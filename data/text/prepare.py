@@ -194,13 +194,13 @@ def prepare(tc):
 
 def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    import train    # the one override parser: --key=value with type checks
+    import configurator    # the one override parser: --key=value with type checks
     try:
-        tc = TextConfig(**train.parse_overrides(sys.argv[1:] if argv is None else argv, TextConfig))
+        tc = TextConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, TextConfig))
         if not tc.input and not tc.hf_dataset:
-            raise train.UsageError("give --input=FILES_OR_FOLDERS (or --hf_dataset=NAME)")
+            raise configurator.UsageError("give --input=FILES_OR_FOLDERS (or --hf_dataset=NAME)")
         return prepare(tc)
-    except (train.UsageError, FileNotFoundError) as e:
+    except (configurator.UsageError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 
