@@ -111,7 +111,9 @@ class ResidentTables(nn.Module):
         """Rows of the given ids for every STEM layer: (U,) -> (U, n_stem, d_ff).
         Gathering unique ids once (instead of B*T rows per layer) is the dedup: the
         backward scatters U rows into the table's gradient, not B*T."""
-        return self.weight[unique_ids]
+        # index_select: a whole-row copy (several times faster than weight[unique_ids] on the
+        # CPU), and its backward index_add_ is deterministic
+        return self.weight.index_select(0, unique_ids)                  # (U, n_stem, d_ff)
 
     def numel(self):
         return self.weight.numel()

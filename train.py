@@ -298,7 +298,10 @@ def train(tc, model_overrides):
     if tc.init_from == "resume":
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint, _ = configurator.read_checkpoint(ckpt_path)
+        missing = [k for k in ("optimizer", "data", "rng", "best_val_loss", "table_optimizer") if k not in checkpoint]
+        if missing:
+            raise UsageError(f"{ckpt_path} cannot be resumed from: it lacks {missing}")
         conflicts = {k: v for k, v in model_overrides.items() if checkpoint["model_config"].get(k) != v}
         if conflicts:
             raise UsageError(f"cannot change model keys on resume: {conflicts}")
@@ -355,13 +358,39 @@ def train(tc, model_overrides):
     log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
     tokens_per_iter = tc.batch_size * tc.grad_accum_steps * config.block_size
 
+    last_good = {"iter": None}      # the iteration of the checkpoint on disk from this run
+
     def checkpoint_now():
+        # a diverged model must never replace a good checkpoint
+        bad = [name for name, t in raw_model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if bad:
+            raise UsageError(f"iter {iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
+                             f"not saved, {kept_checkpoint()}")
         save_checkpoint({
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": asdict(config), "train_config": asdict(tc), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "rng": rng_state(), "data": train_loader.state_dict(),
             "meta": meta, "tokenizer_json": tokenizer_json, "table_optimizer": table_optimizer_state(raw_model),
         }, ckpt_path)
+        last_good["iter"] = iter_num
+
+    def kept_checkpoint():
+        if last_good["iter"] is not None:
+            return f"the last good checkpoint ({ckpt_path}, iter {last_good['iter']}) is kept"
+        if os.path.exists(ckpt_path):
+            return f"{ckpt_path} is left as it was"
+        return "no checkpoint was written"
+
+    # Divergence: the first iteration whose loss or gradient norm is not finite, kept on the
+    # device (-1 while all is well) and read only where the loop syncs anyway (logging,
+    # evaluation, the end), so that watching costs no host sync per step.
+    first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
+
+    def stop_if_diverged():
+        bad = int(first_bad_iter)
+        if bad >= 0:
+            raise UsageError(f"iter {bad}: the loss or gradient norm is not finite (diverged; try a lower "
+                             f"learning_rate); training stopped, {kept_checkpoint()}")
 
     def evaluate():
         nonlocal best_val_loss
@@ -378,14 +407,21 @@ def train(tc, model_overrides):
     t0 = time.perf_counter()
     while iter_num < tc.max_iters:
         if iter_num % tc.eval_interval == 0 and iter_num > 0:
+            stop_if_diverged()
             losses, improved = evaluate()
             if improved or tc.always_save_checkpoint:
                 checkpoint_now()
         lr = lr_at(iter_num, tc)
         loss, grad_norm, table_grad_norm = train_step(model, optimizer, train_loader.next, tc, lr, ctx)
+        finite = loss.detach().isfinite()
+        for norm in (grad_norm, table_grad_norm):
+            if norm is not None:
+                finite = finite & norm.isfinite()
+        first_bad_iter = torch.where((first_bad_iter < 0) & ~finite, iter_num + 1, first_bad_iter)
         iter_num += 1
         pbar.update(1)
         if iter_num % tc.log_interval == 0 or iter_num == tc.max_iters:
+            stop_if_diverged()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / tc.log_interval
@@ -404,6 +440,7 @@ def train(tc, model_overrides):
             pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
                              mfu="-" if mfu is None else f"{100 * mfu:.1f}%")
     pbar.close()
+    stop_if_diverged()
     losses, _ = evaluate()
     checkpoint_now()
     log.close()

@@ -352,3 +352,34 @@ def test_too_long_prompt_and_bad_config_raise():
         small_config(stem_variant="down")
     with pytest.raises(ValueError, match="ffn"):
         small_config(ffn="bogus")
+
+
+def test_cross_entropy_matches_float64_reference_with_ignored_targets():
+    torch.manual_seed(0)
+    N, V = 12, 37
+    logits = torch.randn(N, V, dtype=torch.float64) * 3
+    targets = torch.randint(V, (N,))
+    targets[[2, 7]] = -1                                   # ignored positions
+    got = logits.clone().requires_grad_()
+    loss = model.cross_entropy(got, targets)
+    (2.5 * loss).backward()
+    # reference: softmax cross-entropy written out in numpy float64
+    z = logits.numpy()
+    logp = z - z.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    valid = targets.numpy() >= 0
+    rows = np.arange(N)[valid]
+    want_loss = -logp[rows, targets.numpy()[valid]].mean()
+    want_grad = np.exp(logp) * valid[:, None]
+    want_grad[rows, targets.numpy()[valid]] -= 1
+    want_grad *= 2.5 / valid.sum()
+    assert loss.item() == pytest.approx(want_loss, rel=1e-12)
+    assert np.abs(got.grad.numpy() - want_grad).max() < 1e-14
+    # float32 and bfloat16 logits: computed in float32, the gradient comes back in the input dtype
+    for dtype in (torch.float32, torch.bfloat16):
+        low = logits.to(dtype).requires_grad_()
+        model.cross_entropy(low, targets).backward()
+        ref = logits.to(dtype).float().requires_grad_()
+        torch.nn.functional.cross_entropy(ref, targets, ignore_index=-1).backward()
+        assert low.grad.dtype == dtype
+        assert torch.allclose(low.grad.float(), ref.grad.to(dtype).float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
