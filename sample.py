@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 import configurator
 import offload
 import stem
-from configurator import UsageError
+from configurator import UsageError, knob
 from model import GPT, GPTConfig
 
 
@@ -33,17 +33,20 @@ from model import GPT, GPTConfig
 class SampleConfig:
     out_dir: str = "out-facts"      # folder with ckpt.pt (or a path to a .pt file)
     start: str = "The capital of France is"   # a prompt, or FILE:path to read it from a file
-    num_samples: int = 1
-    max_new_tokens: int = 20
-    temperature: float = 0.8        # 0 means greedy
-    top_k: int = 200                # 0 means no top-k filtering
-    seed: int = 1337
+    num_samples: int = knob(1, ge=1)
+    max_new_tokens: int = knob(20, ge=0)
+    temperature: float = knob(0.8, ge=0)   # 0 means greedy
+    top_k: int = knob(200, ge=0)            # 0 means no top-k filtering
+    seed: int = knob(1337, ge=0)
     device: str = "auto"
-    dtype: str = "auto"
-    tables: str = "resident"        # resident | offload (tables in host memory, an LFU cache on the device)
-    table_cache_fraction: float = 0.1
+    dtype: str = knob("auto", choices=configurator.DTYPES)
+    tables: str = knob("resident", choices=("resident", "offload"))   # offload: host memory + a device LFU cache
+    table_cache_fraction: float = knob(0.1, gt=0, le=1)
     swap: str = ""                  # "A:B[,C:D]": word A takes word B's STEM rows (knowledge editing)
     compare: bool = False           # with swap: print the unedited completion too
+
+    def __post_init__(self):
+        configurator.check(self)
 
 
 def load_checkpoint(path, device="cpu", need_tokenizer=True):

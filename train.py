@@ -65,6 +65,8 @@ class TrainConfig:
     dtype: str = knob("auto", choices=configurator.DTYPES)   # auto: bfloat16 on CUDA, float32 on CPU
     compile: bool = False
     seed: int = knob(1337, ge=0)
+    deterministic: bool = False     # CUDA: deterministic kernels and cuBLAS workspace (slower); the CPU
+                                    # runs are bitwise repeatable without it
 
     def __post_init__(self):
         configurator.check(self)
@@ -288,6 +290,20 @@ def estimate_loss(model, loaders, eval_iters, ctx):
 
 def train(tc, model_overrides):
     """Run training as configured; return a summary dict (final losses, iterations)."""
+    if not tc.deterministic:
+        return run_training(tc, model_overrides)
+    # cuBLAS reads this when it first starts, so it must be set before the first matmul
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        return run_training(tc, model_overrides)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def run_training(tc, model_overrides):
     device, dtype = configurator.resolve_device(tc.device, tc.dtype)
     meta = configurator.load_meta(tc.dataset)
     data_dir = configurator.data_dir_of(tc.dataset)
@@ -333,6 +349,7 @@ def train(tc, model_overrides):
     eval_loaders = {split: BatchLoader(os.path.join(data_dir, f"{split}.bin"), seed=0, **loader_args)
                     for split in ("train", "val")}
     iter_num, best_val_loss = 0, float("inf")
+    checkpoint_resumed = checkpoint is not None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -402,11 +419,14 @@ def train(tc, model_overrides):
         best_val_loss = min(best_val_loss, losses["val"])
         return losses, improved
 
+    start_iter = iter_num
+    if checkpoint_resumed:
+        last_good["iter"] = iter_num     # the checkpoint resumed from is this run's last good one
     pbar = tqdm(total=tc.max_iters, initial=iter_num, desc="train", dynamic_ncols=True)
     losses = {}
     t0 = time.perf_counter()
     while iter_num < tc.max_iters:
-        if iter_num % tc.eval_interval == 0 and iter_num > 0:
+        if iter_num % tc.eval_interval == 0 and iter_num > start_iter:     # not again right after a resume
             stop_if_diverged()
             losses, improved = evaluate()
             if improved or tc.always_save_checkpoint:

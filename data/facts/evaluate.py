@@ -28,17 +28,24 @@ import prepare as facts  # noqa: E402
 import sample  # noqa: E402
 import stem  # noqa: E402
 import configurator  # noqa: E402
+from configurator import knob  # noqa: E402
 
 
 @dataclass
 class EvalConfig:
     out_dir: str = "out-facts"
-    task: str = "recall"            # recall | edit
+    task: str = knob("recall", choices=("recall", "edit"))
     attributes: str = "capital,continent,language,currency"
-    pairs: int = 100                # edit: ordered country pairs sampled
-    locality_countries: int = 10    # edit: other countries checked per pair
-    seed: int = 0
+    pairs: int = knob(100, ge=1)                # edit: ordered country pairs sampled
+    locality_countries: int = knob(10, ge=0)    # edit: other countries checked per pair
+    seed: int = knob(0, ge=0)
     device: str = "cpu"
+
+    def __post_init__(self):
+        configurator.check(self)
+        unknown = [a for a in self.attributes.split(",") if a and a not in facts.ATTRIBUTES]
+        if unknown:
+            raise configurator.UsageError(f"unknown attribute {unknown[0]!r}; attributes are among {facts.ATTRIBUTES}")
 
 
 def complete_batch(model, tokenizer, prompts, max_new_tokens):
@@ -133,9 +140,6 @@ def main(argv=None):
         ec = EvalConfig(**configurator.parse_overrides(argv, EvalConfig))
         model, tokenizer = sample.load_checkpoint(ec.out_dir, ec.device)
         attributes = [a for a in ec.attributes.split(",") if a]
-        unknown = set(attributes) - set(facts.ATTRIBUTES)
-        if unknown or ec.task not in ("recall", "edit"):
-            raise configurator.UsageError(f"attributes must be among {facts.ATTRIBUTES} and task recall|edit")
     except configurator.UsageError as e:
         sys.exit(f"error: {e}")
     kind = "STEM" if model.tables is not None else "dense (input-embedding swap)"

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+import configurator  # noqa: E402  (the repository root's: knobs and the override parser)
+from configurator import knob  # noqa: E402
 
 ATTRIBUTES = ("capital", "continent", "language", "currency")
 
@@ -279,11 +282,14 @@ EOS = "<|endoftext|>"
 @dataclass
 class PrepareConfig:
     out_dir: str = HERE
-    vocab_size: int = 2048
-    passes: int = 4             # each pass states every fact in every training wording once
-    few_shot_per_pass: int = 600
-    n_countries: int = 0        # 0: all; else a spread subset (small corpora for tests)
-    seed: int = 0
+    vocab_size: int = knob(2048, ge=64)
+    passes: int = knob(4, ge=1)         # each pass states every fact in every training wording once
+    few_shot_per_pass: int = knob(600, ge=0)
+    n_countries: int = knob(0, ge=0)    # 0: all; else a spread subset (small corpora for tests)
+    seed: int = knob(0, ge=0)
+
+    def __post_init__(self):
+        configurator.check(self)
 
 
 def countries_of(pc):
@@ -394,13 +400,11 @@ def prepare(pc):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    import configurator    # the one override parser: --key=value with type checks
     try:
         pc = PrepareConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, PrepareConfig))
+        return prepare(pc)
     except configurator.UsageError as e:
         sys.exit(f"error: {e}")
-    return prepare(pc)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+import configurator  # noqa: E402  (the repository root's: knobs and the override parser)
+from configurator import UsageError, knob  # noqa: E402
 EOS = "<|endoftext|>"
 
 
@@ -38,15 +41,18 @@ class TextConfig:
     glob: str = "*.txt"             # which files of a folder to read (recursively)
     exclude: str = ""               # comma-separated folder names to skip, e.g. site-packages
     out_dir: str = HERE
-    vocab_size: int = 32768         # of the BPE trained here
+    vocab_size: int = knob(32768, ge=64)   # of the BPE trained here
     tokenizer: str = ""             # an existing tokenizer.json: no training
-    val_fraction: float = 0.01      # of documents (files)
-    max_bytes: int = 0              # stop after this many input bytes (0: all)
-    chunk_bytes: int = 1 << 20
+    val_fraction: float = knob(0.01, gt=0, lt=1)   # of documents (files)
+    max_bytes: int = knob(0, ge=0)          # stop after this many input bytes (0: all)
+    chunk_bytes: int = knob(1 << 20, ge=1024)
     hf_dataset: str = ""            # a Hugging Face dataset name instead of --input (streamed)
     hf_name: str = ""               # its configuration, if any
     hf_split: str = "train"
     hf_text_field: str = "text"
+
+    def __post_init__(self):
+        configurator.check(self)
 
 
 def input_files(tc):
@@ -193,14 +199,12 @@ def prepare(tc):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-    import configurator    # the one override parser: --key=value with type checks
     try:
         tc = TextConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, TextConfig))
         if not tc.input and not tc.hf_dataset:
-            raise configurator.UsageError("give --input=FILES_OR_FOLDERS (or --hf_dataset=NAME)")
+            raise UsageError("give --input=FILES_OR_FOLDERS (or --hf_dataset=NAME)")
         return prepare(tc)
-    except (configurator.UsageError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 
