@@ -45,7 +45,7 @@ class TextConfig:
     tokenizer: str = ""             # an existing tokenizer.json: no training
     val_fraction: float = knob(0.01, gt=0, lt=1)   # of documents (files)
     max_bytes: int = knob(0, ge=0)          # stop after this many input bytes (0: all)
-    chunk_bytes: int = knob(1 << 20, ge=1024)
+    chunk_bytes: int = knob(1 << 20, ge=1)
     hf_dataset: str = ""            # a Hugging Face dataset name instead of --input (streamed)
     hf_name: str = ""               # its configuration, if any
     hf_split: str = "train"
