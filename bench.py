@@ -67,13 +67,14 @@ class BenchConfig:
     spike_margin: float = knob(0.2, gt=0)       # compare: a spike is a loss above (1 + margin) x its running mean
     steps: int = knob(20, ge=1)                 # timed steps per model per round
     rounds: int = knob(3, ge=1)
-    warmup: int = knob(3, ge=1)
+    warmup: int = knob(8, ge=1)                 # untimed steps first: on the CPU the heap takes ~5-8 steps to settle
     stem_layers: str = "full"
     stem_variant: str = knob("up", choices=stem.VARIANTS)
     zipf_exponent: float = knob(1.1, gt=0)
     device: str = "auto"
     dtype: str = knob("auto", choices=configurator.DTYPES)
     compile: bool = False
+    catchup: bool = False                       # train: also time resident tables with adamw_catchup
     seed: int = knob(0, ge=0)
 
     def __post_init__(self):
@@ -92,16 +93,17 @@ def zipf_batch(batch_size, block_size, vocab_size, exponent, generator):
 class Runner:
     """One model and its optimiser, stepped by train.py's own train_step.
     tables: None (dense AdamW over resident tables, the paper's), "resident" or "offload"
-    (both with lazy AdamW through offload.SparseTables)."""
+    (both with lazy AdamW through offload.SparseTables), or "catchup" (resident, adamw_catchup)."""
 
     def __init__(self, name, config, bc, device, dtype, tables=None):
         torch.manual_seed(bc.seed)
         self.name, self.config = name, config
         self.model = GPT(config).to(device)
         self.raw_model = self.model
-        self.tc = train.TrainConfig(device=device, batch_size=bc.batch_size, tables=tables or "resident",
-                                    table_optimizer="lazy_adamw" if tables else "adamw",
-                                    table_cache_fraction=bc.table_cache_fraction)
+        optimizer = {None: "adamw", "catchup": "adamw_catchup"}.get(tables, "lazy_adamw")
+        self.tc = train.TrainConfig(device=device, batch_size=bc.batch_size,
+                                    tables="offload" if tables == "offload" else "resident",
+                                    table_optimizer=optimizer, table_cache_fraction=bc.table_cache_fraction)
         self.sparse = train.use_table_options(self.model, self.tc, config, device)
         self.optimizer = train.configure_optimizer(self.model, self.tc, device)
         if bc.compile:
@@ -174,6 +176,8 @@ def bench_train(bc, device, dtype):
     if bc.preset != "350m":     # dense AdamW over 3.3B table rows needs ~52 GB on its own
         specs.append((f"stem-{bc.stem_layers} adamw", stem_config(base, bc), None))
     specs += [(f"stem-{bc.stem_layers} {kind}", stem_config(base, bc), kind) for kind in table_kinds(bc)]
+    if bc.catchup:
+        specs.append((f"stem-{bc.stem_layers} catchup", stem_config(base, bc), "catchup"))
     generator = torch.Generator().manual_seed(bc.seed)
     block_size, vocab_size = base["block_size"], base["vocab_size"]
     make = lambda n: [zipf_batch(bc.batch_size, block_size, vocab_size, bc.zipf_exponent, generator) for _ in range(n)]
@@ -240,6 +244,9 @@ def bench_train(bc, device, dtype):
                       f"over a step; estimated copy time {1e3 * copy_time:.2f} ms/step, of which "
                       f"{100 * (1 - min(1.0, exposed / copy_time)) if copy_time else 100:.0f}% hidden "
                       f"(1 - step-time difference / copy time)")
+    if "catchup" in times and "resident" in times:
+        print(f"catch-up (adamw_catchup) vs lazy AdamW, both resident: {times['catchup'] / times['resident']:.3f}x "
+              f"the step time")
     return runners
 
 

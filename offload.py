@@ -134,13 +134,42 @@ class RowGather(torch.autograd.Function):
 
 class LazyAdamW:
     """AdamW restricted to given rows: torch's own fused AdamW kernel run on the gathered
-    rows, so that a row touched at every step follows dense AdamW exactly; untouched rows
-    do not move (no decay, no moment decay). Bias correction uses the global step."""
+    rows, so that a row touched at every step follows dense AdamW exactly. Bias correction
+    uses the global step.
 
-    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    catch_up=None: untouched rows do not move (no decay, no moment decay) - lazy AdamW.
+    catch_up="full": a row's skipped steps are applied when it is next read, as dense AdamW
+    would have applied them with a zero gradient: the weight decays every step and keeps
+    moving along its decaying first moment. Over the steps s = a+1 .. c after its last
+    touch a (lr_s the step's rate, d_s = 1 - lr_s * wd, rho = beta1 / sqrt(beta2)):
+
+        m_c = beta1^(c-a) m_a,   v_c = beta2^(c-a) v_a
+        w_c = (prod_s d_s) w_a - sum_s (prod_{r>s} d_r) lr_s sqrt(1-beta2^s)/(1-beta1^s) rho^(s-a) u
+        u   = m_a / (sqrt(v_a) + eps)
+
+    exact but for eps: dense AdamW divides by sqrt(v_s) + eps sqrt(1-beta2^s), whose eps
+    part does not decay with v; here eps decays with it, a relative difference in a skipped
+    step's move of about eps / sqrt(v_a) (1e-8 against table gradients of 1e-6 and up:
+    below 1e-2 of an already small move, and 0 when eps is 0). The sum runs over at most
+    `window` skipped steps: rho^window < 1e-20, beyond which the terms are below float64's
+    resolution. Products of d come from a float64 prefix sum of log d over steps.
+    "decay" and "momentum" apply one of the two halves (ablations)."""
+
+    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, catch_up=None):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
+        self.catch_up_mode = catch_up
         self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it
+        if catch_up:
+            rho = self.beta1 / math.sqrt(self.beta2)
+            if not rho < 1:
+                raise ValueError(f"catch-up needs beta1 < sqrt(beta2) (got {self.beta1}, {self.beta2}): a "
+                                 f"skipped row's moves would not decay")
+            self.window = math.ceil(math.log(1e-20) / math.log(rho)) if rho > 0 else 1
+            # per step s = 0..c: log_decay_prefix[s] = sum_{r<=s} log d_r, move_scale[s] = lr_s sqrt(bc2)/bc1
+            self.log_decay_prefix = torch.zeros(1, dtype=torch.float64)
+            self.move_scale = torch.zeros(1, dtype=torch.float64)
+            self.last_step = None         # (vocab,) int64: the step each row was last brought up to
 
     @property
     def step_count(self):
@@ -150,16 +179,93 @@ class LazyAdamW:
     def step_count(self, value):
         self.step.fill_(value)
 
-    def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr):
-        """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...)."""
+    def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr, ids=None):
+        """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...); ids: the
+        rows' token ids (catch-up keeps the step of each id)."""
         # index_select, not pool[slots]: on the CPU it copies whole rows, several times faster
         w, m, v = (pool.index_select(0, slots) for pool in (weight, exp_avg, exp_avg_sq))   # (K, ...) each
         self.step = self.step.to(w.device)
         adamw([w], [grad], [m], [v], [], [self.step], fused=True, amsgrad=False,
-                beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
+              beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
               eps=self.eps, maximize=False)              # increments self.step
         for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
             pool.index_copy_(0, slots, rows)
+        if self.catch_up_mode:
+            self._record_step(lr)
+            self.last_step[ids] = self.step_count
+
+    # -- catch-up ------------------------------------------------------------------------
+
+    def _record_step(self, lr):
+        s = self.step_count          # the step just taken
+        decay = math.log1p(-lr * self.weight_decay) if lr * self.weight_decay < 1 else -math.inf
+        bias = math.sqrt(1 - self.beta2 ** s) / (1 - self.beta1 ** s)
+        self.log_decay_prefix = torch.cat([self.log_decay_prefix, self.log_decay_prefix[-1:] + decay])
+        self.move_scale = torch.cat([self.move_scale, self.move_scale.new_tensor([lr * bias])])
+
+    def track(self, n_rows, device):
+        """Start tracking n_rows rows (all at the current step)."""
+        if self.catch_up_mode and self.last_step is None:
+            self.last_step = torch.full((n_rows,), self.step_count, dtype=torch.long, device=device)
+            self.log_decay_prefix = self.log_decay_prefix.to(device)     # the history sits beside last_step
+            self.move_scale = self.move_scale.to(device)
+
+    def catch_up(self, weight, exp_avg, exp_avg_sq, slots, ids, chunk_rows=4096):
+        """Bring the rows at `slots` of the pools (token ids `ids`) to the current step."""
+        if not self.catch_up_mode:
+            return
+        c = self.step_count
+        for start in range(0, len(ids), chunk_rows):
+            part_slots, part_ids = slots[start:start + chunk_rows], ids[start:start + chunk_rows]
+            w, m, v = (pool.index_select(0, part_slots) for pool in (weight, exp_avg, exp_avg_sq))
+            keep, move, moment_steps = self._coefficients(self.last_step[part_ids.to(self.last_step.device)], c)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            keep, move = keep.to(w.device, w.dtype).view(shape), move.to(w.device, w.dtype).view(shape)
+            moment_steps = moment_steps.to(w.device).view(shape)
+            u = m / (v.sqrt() + self.eps)                                           # (K, ...)
+            w = w * keep - move * u
+            if self.catch_up_mode != "decay":
+                m = m * self.beta1 ** moment_steps.to(w.dtype)
+                v = v * self.beta2 ** moment_steps.to(w.dtype)
+            for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
+                pool.index_copy_(0, part_slots, rows)
+        self.last_step[ids.to(self.last_step.device)] = c
+
+    def _coefficients(self, last, c):
+        """(keep, move, gap) per row of last-touched steps `last` (K,), brought up to step c:
+        w_c = keep * w_a - move * u, all float64 (K,)."""
+        log_decay = self.log_decay_prefix.to(last.device)
+        move_scale = self.move_scale.to(last.device)
+        gap = c - last                                                              # (K,)
+        keep = torch.exp(log_decay[c] - log_decay[last])
+        window = min(c, self.window)
+        j = torch.arange(1, window + 1, device=last.device)                        # (J,)
+        steps = (last[:, None] + j[None, :]).clamp(max=c)                          # (K, J): s = a + j
+        rho = self.beta1 / math.sqrt(self.beta2)
+        terms = move_scale[steps] * rho ** j.double()[None, :]
+        if self.catch_up_mode != "momentum":
+            terms = terms * torch.exp(log_decay[c] - log_decay[steps])             # prod_{r>s} d_r
+        move = torch.where(j[None, :] <= gap[:, None], terms, 0.0).sum(1)          # (K,)
+        if self.catch_up_mode == "decay":
+            move = torch.zeros_like(move)
+        elif self.catch_up_mode == "momentum":
+            keep = torch.ones_like(keep)
+        return keep, move, gap
+
+    def state_dict(self):
+        state = {"step_count": self.step_count}
+        if self.catch_up_mode:
+            state.update(last_step=self.last_step.cpu(), log_decay_prefix=self.log_decay_prefix.cpu(),
+                         move_scale=self.move_scale.cpu())
+        return state
+
+    def load_state_dict(self, state):
+        self.step_count = state["step_count"]
+        if self.catch_up_mode:
+            device = self.last_step.device
+            self.last_step = state["last_step"].to(device)
+            self.log_decay_prefix = state["log_decay_prefix"].to(device)
+            self.move_scale = state["move_scale"].to(device)
 
 
 class SparseTables(nn.Module):
@@ -197,6 +303,8 @@ class SparseTables(nn.Module):
             self.slot_of_id = torch.arange(vocab_size, device=device)
             self.cache = None
         self.grad_pool = torch.zeros_like(self.pool["weight"]) if training else None
+        if training:
+            self.optimizer.track(vocab_size, device)
         self.grad_anchor = torch.empty(0, device=device, requires_grad=True)
         self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size() * len(names)
         self.bytes_h2d = self.bytes_d2h = 0
@@ -302,6 +410,9 @@ class SparseTables(nn.Module):
         if plan["ready"] is not None:
             torch.cuda.current_stream(self.device).wait_event(plan["ready"])
         slots = self.slot_of_id[unique_ids]
+        if self.training_tables:       # catch-up: rows skipped by lazy steps are brought up to date first
+            self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots,
+                                    unique_ids)
         if self.training_tables and torch.is_grad_enabled():
             self.in_flight.append(plan)       # its slots stay locked until step()
             return RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
@@ -342,7 +453,9 @@ class SparseTables(nn.Module):
         norm = grad.norm()
         if max_norm > 0:
             grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr)
+        ids = torch.from_numpy(self.cache.id_of_slot[slots]) if self.offloaded else slots_dev
+        self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr,
+                              ids)
         self.grad_pool.index_fill_(0, slots_dev, 0)
         self.release()
         return norm
@@ -350,8 +463,12 @@ class SparseTables(nn.Module):
     # -- checkpoints and stats ----------------------------------------------------
 
     def flush(self):
-        """Write every row on the device back to the host so the host tables are complete."""
+        """Write every row on the device back to the host so the host tables are complete;
+        with catch-up, bring every row up to the current step."""
         if not self.offloaded:
+            if self.training_tables:
+                every = torch.arange(len(self.slot_of_id), device=self.device)
+                self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], every, every)
             return
         if self.copy_stream is not None:
             torch.cuda.synchronize(self.device)
@@ -362,6 +479,13 @@ class SparseTables(nn.Module):
             slots_dev = torch.from_numpy(slots).to(self.device)
             for name, host in self.host.items():
                 host.index_copy_(0, ids, self.pool[name][slots_dev].cpu())
+            if self.optimizer.catch_up_mode:
+                # catch the host rows up, then refresh the device copies from them
+                every = torch.arange(len(self.cache.slot_of_id))
+                self.optimizer.catch_up(self.host["weight"], self.host["exp_avg"], self.host["exp_avg_sq"], every,
+                                        every)
+                for name, host in self.host.items():
+                    self.pool[name].index_copy_(0, slots_dev, host.index_select(0, ids).to(self.device))
 
     def tensors(self):
         """The complete tables (and moments), without a second copy of the host tables."""

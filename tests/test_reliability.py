@@ -79,7 +79,9 @@ def test_identical_runs_give_identical_bits(data, tmp_path, table_args):
 # -- kill -9 and resume ----------------------------------------------------------
 
 @pytest.mark.parametrize("table_args", [dict(), dict(table_optimizer="lazy_adamw", tables="offload",
-                                                     table_cache_fraction=0.05)], ids=["resident", "offload"])
+                                                     table_cache_fraction=0.05),
+                                        dict(table_optimizer="adamw_catchup", tables="offload",
+                                             table_cache_fraction=0.05)], ids=["resident", "offload", "catchup"])
 def test_kill_9_then_resume_is_bitwise_exact(data, tmp_path, table_args):
     max_iters, every = 400, 20
     run = dict(max_iters=max_iters, eval_interval=every, **table_args)
