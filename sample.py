@@ -54,7 +54,8 @@ def load_checkpoint(path, device="cpu", need_tokenizer=True):
     (model, tokenizer): the model in eval mode on `device`, the tokenizer it was trained
     with (stored inside the checkpoint, so the data folder is not needed; None for data
     without one when need_tokenizer=False)."""
-    checkpoint, ckpt_path = configurator.read_checkpoint(path)
+    # mapped, not read: the optimiser moments (most of a training checkpoint) are never touched
+    checkpoint, ckpt_path = configurator.read_checkpoint(path, mmap=True)
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     if checkpoint["tokenizer_json"] is None and need_tokenizer:
