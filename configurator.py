@@ -142,14 +142,6 @@ def split_overrides(overrides, config_class):
             {k: v for k, v in overrides.items() if k not in names})
 
 
-def build(config_class, overrides):
-    """config_class(**overrides), with the class's own checks as UsageErrors."""
-    try:
-        return config_class(**overrides)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 # -----------------------------------------------------------------------------
 # the device, precision and CPU memory
 

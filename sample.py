@@ -157,8 +157,6 @@ def main(argv=None):
         model, tokenizer = load_checkpoint(sc.out_dir, device)
         if sc.tables == "offload" and model.tables is not None:
             offload_for_inference(model, device, sc.table_cache_fraction, sc.num_samples, dtype)
-        elif sc.tables not in ("resident", "offload"):
-            raise UsageError(f"tables must be resident or offload, got '{sc.tables}'")
         prompt = sc.start
         if prompt.startswith("FILE:"):
             with open(prompt[5:], encoding="utf-8") as f:

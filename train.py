@@ -332,14 +332,12 @@ def run_training(tc, model_overrides):
         if conflicts:
             raise UsageError(f"cannot change model keys on resume: {conflicts}")
         config = GPTConfig(**checkpoint["model_config"])
-    elif tc.init_from == "scratch":
+    else:      # scratch (the knob allows nothing else)
         model_overrides.setdefault("vocab_size", meta["vocab_size"])
         try:
             config = GPTConfig(**model_overrides)
         except ValueError as e:   # GPTConfig's own checks of the user's values
             raise UsageError(str(e)) from None
-    else:
-        raise UsageError(f"init_from must be scratch or resume, got '{tc.init_from}'")
     if config.vocab_size < meta["vocab_size"]:
         raise UsageError(f"vocab_size {config.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
 
