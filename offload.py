@@ -3,45 +3,46 @@ STEM tables for the lazy optimiser, resident on the device or offloaded to host 
 
 A table is (vocab, n_stem, d_ff): at vocab 50k and 23 STEM layers of d_ff 2816 that is
 3.3B parameters, too big to sit next to the backbone on one card. `SparseTables` keeps
-the rows the model reads in a device *pool* and maps token ids to pool slots with a
-device tensor `slot_of_id`, so the model's lookup is one gather and never syncs:
+the rows the model reads in a device *pool* of slots; the plan of a batch says which
+slot holds each of its unique ids, so the model's lookup is one gather:
 
-    resident:   pool = the whole table, slot_of_id = identity
-    offloaded:  pool = an LFU cache of `cache_rows` slots filled from a host table
+    resident:   pool = the whole table, slot = token id
+    offloaded:  pool = an LFU cache of `cache_rows` slots (plus transient slots for the
+                batches in flight) filled from a host table
 
 Both train with the same lazy AdamW (only the rows a step touched update their weights
-and moments) and the same gradient path, so they agree step for step; they differ only
-in where rows come from. Dense AdamW over all rows (the paper's optimiser) stays with
+and moments) and the same gradient path, so they agree bit for bit; they differ only in
+where rows come from. Dense AdamW over all rows (the paper's optimiser) stays with
 stem.ResidentTables and torch.optim.AdamW.
 
-Offloaded, per batch (`prepare`, ids known on the CPU before the batch runs):
-  1. LFU plan on the CPU: hits keep their slots, each miss takes the least-frequent slot
-     not used by a batch in flight (write-back of the evicted row in training).
-  2. Gather the missing rows from the host table into a pinned staging buffer (one
-     vectorised index_select; double-buffered, each reuse gated by its copy's event).
-  3. On a side CUDA stream: write back evicted rows (D2H), copy the staged rows (H2D)
-     into their slots, update slot_of_id; record an event that the compute stream waits
-     on before the batch's lookup. Without CUDA the same steps run in order on the CPU.
+Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
+  1. Training thread: the LFU plan (numpy, sub-millisecond): hits keep their slots, each
+     miss takes the least-frequent slot no batch in flight holds; the evicted row must go
+     back to the host first (training). The plan is queued for the worker; nothing waits.
+  2. Worker thread: queue the evicted rows' device->host copy into pinned staging, gather
+     the missing rows from the host table into pinned staging (one index_select per
+     tensor; double-buffered, each reuse gated by its last copy), queue their host->device
+     copy into the slots, and scatter written-back rows into the host table once their
+     copy has arrived. A row still on its way back is scattered before it is gathered.
+  3. Copy queue: a side CUDA stream that starts after the compute queued before the plan;
+     the batch's lookup makes the compute stream wait for its copies' event.
+Without CUDA the copy queue is a thread too, with the same order and events, so every
+wait is exercised on the CPU (and tests inject random delays to prove each is needed).
 """
 
+import collections
+import functools
 import math
+import queue
+import random
+import threading
+import time
+import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.optim.adamw import adamw
-
-
-def pinned_empty(shape, dtype, pin):
-    """A host tensor, page-locked when pin is set. cudaHostRegister on an ordinary
-    allocation pins exactly its size; pin_memory() goes through the caching host
-    allocator, which rounds large requests up to a power of two (up to 2x the memory)."""
-    t = torch.empty(shape, dtype=dtype)
-    if pin and t.numel():
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({err}) for {t.numel() * t.element_size() / 2**30:.1f} GiB")
-    return t
 
 
 class LFUCache:
@@ -87,7 +88,7 @@ class LFUCache:
             self.locks[slots[hit]] -= 1
             raise RuntimeError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
                                f"batches in flight ({n_transient} not admitted, {len(transient_free)} transient "
-                               f"slots free); raise transient_rows")
+                               f"slots free); raise --table_transient_rows")
         miss_slots = np.concatenate([victims[:n_admit], transient_free[:n_transient]])
         evicted_ids = self.id_of_slot[victims[:n_admit]]
         evicted_slots = victims[:n_admit][evicted_ids >= 0]
@@ -211,25 +212,37 @@ class LazyAdamW:
             self.move_scale = self.move_scale.to(device)
 
     def catch_up(self, weight, exp_avg, exp_avg_sq, slots, ids, chunk_rows=4096):
-        """Bring the rows at `slots` of the pools (token ids `ids`) to the current step."""
+        """Bring the rows at `slots` of the pools (token ids `ids`) to the current step, in place."""
         if not self.catch_up_mode:
             return
         c = self.step_count
         for start in range(0, len(ids), chunk_rows):
             part_slots, part_ids = slots[start:start + chunk_rows], ids[start:start + chunk_rows]
-            w, m, v = (pool.index_select(0, part_slots) for pool in (weight, exp_avg, exp_avg_sq))
-            keep, move, moment_steps = self._coefficients(self.last_step[part_ids.to(self.last_step.device)], c)
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            keep, move = keep.to(w.device, w.dtype).view(shape), move.to(w.device, w.dtype).view(shape)
-            moment_steps = moment_steps.to(w.device).view(shape)
-            u = m / (v.sqrt() + self.eps)                                           # (K, ...)
-            w = w * keep - move * u
-            if self.catch_up_mode != "decay":
-                m = m * self.beta1 ** moment_steps.to(w.dtype)
-                v = v * self.beta2 ** moment_steps.to(w.dtype)
-            for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
-                pool.index_copy_(0, part_slots, rows)
+            rows = [pool.index_select(0, part_slots) for pool in (weight, exp_avg, exp_avg_sq)]   # (K, ...) each
+            rows = self._brought_up(*rows, self.last_step[part_ids.to(self.last_step.device)], c)
+            for pool, part in zip((weight, exp_avg, exp_avg_sq), rows):
+                pool.index_copy_(0, part_slots, part)
         self.last_step[ids.to(self.last_step.device)] = c
+
+    def current_weight(self, w, m, v, ids):
+        """The weights that rows w (K, ...) of token ids `ids` have at the current step,
+        without changing any state (reads for evaluation)."""
+        if not self.catch_up_mode:
+            return w
+        return self._brought_up(w, m, v, self.last_step[ids.to(self.last_step.device)], self.step_count)[0]
+
+    def _brought_up(self, w, m, v, last, c):
+        """Rows (w, m, v) last brought up to steps `last` (K,), brought up to step c."""
+        keep, move, moment_steps = self._coefficients(last, c)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        keep, move = keep.to(w.device, w.dtype).view(shape), move.to(w.device, w.dtype).view(shape)
+        moment_steps = moment_steps.to(w.device).view(shape)
+        u = m / (v.sqrt() + self.eps)                                               # (K, ...)
+        w = w * keep - move * u
+        if self.catch_up_mode != "decay":
+            m = m * self.beta1 ** moment_steps.to(w.dtype)
+            v = v * self.beta2 ** moment_steps.to(w.dtype)
+        return w, m, v
 
     def _coefficients(self, last, c):
         """(keep, move, gap) per row of last-touched steps `last` (K,), brought up to step c:
@@ -268,159 +281,392 @@ class LazyAdamW:
             self.move_scale = state["move_scale"].to(device)
 
 
+def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, staging_rows=0,
+                  training=True, dtype=torch.float32, device_is_cuda=False):
+    """Every tensor SparseTables allocates: name -> (shape, dtype, place), place "device",
+    "host" or "pinned" (host memory page-locked on CUDA, because device copies read or
+    write it). The memory plan (plan.py) reads the same list, so planned bytes are
+    allocated bytes. staging_rows=0 means min(1024, device slots)."""
+    dtype = torch.float32 if training else dtype        # training keeps fp32 master rows
+    names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
+    row = (n_stem, d_ff)
+    buffers = {}
+    if cache_rows is None:                               # resident: the pool is the table
+        n_slots = vocab_size
+    else:
+        cache_rows = min(cache_rows, vocab_size)
+        n_slots = cache_rows + transient_rows
+        staging_rows = min(staging_rows or 1024, n_slots)
+        for name in names:
+            buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "host")
+        # double-buffered staging: rows coming in (gathered from the host tables) and, in
+        # training, rows going out (copied from the device, then scattered into the host)
+        for kind in ("load", "writeback") if training else ("load",):
+            for k in (0, 1):
+                for name in names:
+                    buffers[f"{kind}{k}.{name}"] = ((staging_rows,) + row, dtype,
+                                                    "pinned" if device_is_cuda else "host")
+    for name in names:
+        buffers[f"pool.{name}"] = ((n_slots,) + row, dtype, "device")
+    if training:
+        buffers["grad_pool"] = ((n_slots,) + row, dtype, "device")
+    return buffers
+
+
+class Done(threading.Event):
+    """A job's completion, with its result (or its exception, raised by result())."""
+    value = error = None
+
+    def result(self):
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    synchronize, query = result, threading.Event.is_set     # the CUDA event's interface
+
+
+class Lane:
+    """Functions run one after another on a daemon thread (torch releases the GIL in its
+    kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
+    seeded random time before each function: tests use it to shake out missing waits.
+    busy: the seconds spent running functions."""
+
+    def __init__(self, name, delay=None):
+        self.jobs, self.busy = queue.SimpleQueue(), 0.0
+        rng = random.Random(delay[0]) if delay else None
+        threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name, daemon=True).start()
+
+    def _serve(self, rng, max_delay):
+        while (job := self.jobs.get()) is not None:
+            fn, done = job
+            if rng is not None:
+                time.sleep(rng.uniform(0, max_delay))
+            start = time.perf_counter()
+            try:
+                done.value = fn()
+            except BaseException as e:          # raised where the job's result is read
+                done.error = e
+            self.busy += time.perf_counter() - start
+            done.set()
+            del job, fn, done     # a finished job must not keep its owner alive while the lane waits
+
+    def submit(self, fn):
+        done = Done()
+        self.jobs.put((fn, done))
+        return done
+
+    def close(self):
+        self.jobs.put(None)
+
+
+class CopyQueue:
+    """Host <-> device copies in the order they are queued: a side CUDA stream, or without
+    CUDA a Lane standing in for the copy engine (same order, same events). run(fn) queues
+    the copies fn makes; mark() returns an event reached once they are done."""
+
+    def __init__(self, device, delay=None):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.lane = Lane("table copies", delay) if self.stream is None else None
+
+    def run(self, fn):
+        if self.lane is not None:
+            self.lane.submit(fn)
+            return
+        with torch.cuda.stream(self.stream):
+            fn()
+
+    def wait_for(self, compute_event):
+        """Later copies start after the compute queued before compute_event (CPU: None,
+        the training thread's compute has already run)."""
+        if compute_event is not None:
+            self.stream.wait_event(compute_event)
+
+    def mark(self):
+        if self.lane is not None:
+            return self.lane.submit(lambda: None)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+
+def pin(tensors):
+    """Page-lock exactly these host tensors (cudaHostRegister: pin_memory() would round a big
+    request up to a power of two). Returns a function that releases the registration."""
+    registered = []
+    for t in tensors:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({err}) for {t.numel() * t.element_size() / 2**30:.2f} GiB")
+        registered.append(t)
+
+    def unpin():
+        for t in registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    return unpin
+
+
+def _on(device, array):
+    """A numpy index array as a tensor on `device`; pinned first, so the copy is asynchronous."""
+    index = torch.from_numpy(array)
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+    return index
+
+
 class SparseTables(nn.Module):
     """A table source (lookup(unique_ids) -> rows) trained by lazy AdamW.
     cache_rows=None keeps the whole table on the device. An int keeps the table in host
     memory, `cache_rows` LFU rows on the device, plus `transient_rows` slots for the rows
-    of batches in flight that the cache did not admit (enough for the unique ids of every
-    batch prepared or looked up but not yet stepped: with lookahead and gradient
-    accumulation that is grad_accum_steps + 1 batches)."""
+    of batches in flight that the cache did not admit (enough for the unique ids of one
+    optimiser step and the batch prefetched beside it; plan.py measures that).
+
+    Three threads share the offloaded work. The training thread plans (LFU bookkeeping,
+    numpy) and queues; the worker (a Lane) gathers missing rows from the host tables into
+    pinned staging and scatters written-back rows into them; the copy queue moves staging
+    to and from the device pool. The training thread waits only at a lookup, for the
+    worker to have queued its batch's rows; the worker waits for a write-back only when a
+    row it must gather is still on its way back. `delay` injects random delays into the
+    worker and (without CUDA) the copy queue, for tests."""
 
     def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
-                 dtype=torch.float32, optimizer=None):
+                 dtype=torch.float32, optimizer=None, staging_rows=0, delay=None):
         super().__init__()
         vocab_size, n_stem, d_ff = weight.shape
         self.device, self.training_tables = torch.device(device), training
         self.optimizer = optimizer or LazyAdamW()
         self.offloaded = cache_rows is not None
         cuda = self.device.type == "cuda"
-        dtype = torch.float32 if training else dtype
-        names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
+        layout = table_buffers(vocab_size, n_stem, d_ff, cache_rows, transient_rows, staging_rows, training,
+                               dtype, cuda)
+        # every tensor allocated once, here, exactly as planned (the pool is never a copy
+        # of a device tensor: a resident table is copied in from wherever `weight` lives)
+        self.buffers = {name: torch.empty(shape, dtype=dt, device=self.device if place == "device" else "cpu")
+                        for name, (shape, dt, place) in layout.items()}
+        self.names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
+        self.pool = {name: self.buffers[f"pool.{name}"] for name in self.names}
+        self.grad_pool = self.buffers.get("grad_pool")
         if self.offloaded:
-            cache_rows = min(cache_rows, vocab_size)
-            self.host = {name: pinned_empty(weight.shape, dtype, cuda) for name in names}
-            self.host["weight"].copy_(weight)
-            for name in names[1:]:
-                self.host[name].zero_()
-            n_slots = cache_rows + transient_rows
-            self.pool = {name: torch.zeros(n_slots, n_stem, d_ff, dtype=dtype, device=device) for name in names}
-            self.slot_of_id = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-            self.cache = LFUCache(vocab_size, cache_rows, transient_rows)
+            self.host = {name: self.buffers[f"host.{name}"] for name in self.names}
+            self.staging_rows = layout["load0.weight"][0][0]
+            self.staging = {kind: [{name: self.buffers[f"{kind}{k}.{name}"] for name in self.names} for k in (0, 1)]
+                            for kind in ("load", "writeback") if f"{kind}0.weight" in self.buffers}
+            self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
+            self.copies, self.worker = CopyQueue(self.device, delay), Lane("table worker", delay)
+            weakref.finalize(self, self.worker.close)
+            if self.copies.lane is not None:
+                weakref.finalize(self, self.copies.lane.close)
+            pinned = [self.buffers[name] for name, (_, _, place) in layout.items() if place == "pinned"]
+            if pinned:
+                weakref.finalize(self, pin(pinned))       # released when these tables are freed
+            for tensor in self.pool.values():
+                tensor.zero_()
         else:
-            self.pool = {"weight": weight.detach().to(device=device, dtype=dtype).clone()}
-            for name in names[1:]:
-                self.pool[name] = torch.zeros_like(self.pool["weight"])
-            self.slot_of_id = torch.arange(vocab_size, device=device)
-            self.cache = None
-        self.grad_pool = torch.zeros_like(self.pool["weight"]) if training else None
+            self.host, self.cache = None, None
+        target = self.host if self.offloaded else self.pool
+        target["weight"].copy_(weight)
+        for name in self.names[1:]:
+            target[name].zero_()
+        if self.grad_pool is not None:
+            self.grad_pool.zero_()
         if training:
-            self.optimizer.track(vocab_size, device)
+            self.optimizer.track(vocab_size, self.device)
         self.grad_anchor = torch.empty(0, device=device, requires_grad=True)
-        self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size() * len(names)
+        self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size()       # one name's row
         self.bytes_h2d = self.bytes_d2h = 0
-        self.prepared = {}                 # plans of batches prepared, not yet looked up, by key
-        self.in_flight = []                # plans looked up, awaiting step() / release()
-        self.pending_writeback = []        # (ids, staged rows, event) not yet scattered to the host
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda and self.offloaded else None
-        self.staging = [None, None]        # double-buffered pinned staging: (buffers, copy event)
-        self.staging_turn = 0
+        self.clock = {"plan": 0.0, "wait": 0.0}     # training-thread seconds: planning and queueing, waiting
+        self.prepared = collections.deque()         # plans of batches prepared, in order, not yet looked up
+        self.in_flight = []                         # plans looked up, awaiting step() / release()
+        # worker-thread state: write-backs whose rows are not yet in the host tables (in
+        # order), the staging buffer each kind uses next, and the event of each buffer's last copy
+        self.pending = collections.deque()
+        self.turn = {"load": 0, "writeback": 0}
+        self.last_copy = {"load": [None, None]}
 
     def numel(self):
         return math.prod((self.host if self.offloaded else self.pool)["weight"].shape)
 
-    def _side_stream(self):
-        """Context for copies: the side stream, after all work queued so far on the compute
-        stream (which may still read or update the slots about to be overwritten)."""
-        if self.copy_stream is None:
-            return _null()
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        return torch.cuda.stream(self.copy_stream)
-
-    def _record(self):
-        if self.copy_stream is None:
+    def _compute_event(self):
+        """An event after the compute queued so far (None on the CPU: it has run)."""
+        if self.device.type != "cuda":
             return None
         event = torch.cuda.Event()
-        event.record(self.copy_stream)
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
-    # -- bringing rows in and out --------------------------------------------------
+    def _compute_waits(self, event):
+        """The compute that follows waits for event (a copy); on the CPU the thread waits."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(event)
+        else:
+            event.synchronize()
+
+    # -- the training thread: plans ----------------------------------------------------
 
     def prepare(self, row_index, key=None):
-        """Make the rows of a batch available to a later lookup; asynchronous on CUDA.
-        row_index: the batch's stem.RowIndex on the CPU (unique ids and their counts).
-        key: the unique_ids tensor the model will pass to lookup (the device copy);
-        defaults to row_index.unique_ids."""
+        """Start bringing the rows of a batch to the device for a later training lookup;
+        lookups take prepared plans in the order they were prepared. row_index: the batch's
+        stem.RowIndex on the CPU (unique ids and their counts). key: unused (kept for callers)."""
         counts = row_index.counts if row_index.counts is not None else torch.ones_like(row_index.unique_ids)
-        key = row_index.unique_ids if key is None else key
-        self.prepared[id(key)] = dict(self._plan(row_index.unique_ids.numpy(), counts.numpy()), key=key)
+        self.prepared.append(self._plan(row_index.unique_ids.numpy(), counts.numpy()))
 
     def _plan(self, ids, counts):
         if not self.offloaded:
-            return {"slots": ids, "ready": None}
-        self._finish_writeback()              # the host must be current before it is read
+            return {"slots": ids, "n": len(ids), "moved": None}
+        start = time.perf_counter()
         slots, miss_ids, miss_slots, evicted_ids, evicted_slots = self.cache.plan(ids, counts)
-        with self._side_stream():
-            if self.training_tables and len(evicted_ids):
-                self._start_writeback(evicted_ids, evicted_slots)
-            if len(miss_ids):
-                self._load_rows(miss_ids, miss_slots)
-            ready = self._record()
-        return {"slots": slots, "ready": ready}
+        if not self.training_tables:        # nothing changed them: evicted rows just go
+            evicted_ids = evicted_slots = evicted_ids[:0]
+        moved = None
+        if len(miss_ids) or len(evicted_ids):
+            moved = self.worker.submit(functools.partial(self._move, self._compute_event(), evicted_ids,
+                                                         evicted_slots, miss_ids, miss_slots))
+            self.bytes_h2d += len(miss_ids) * self.row_bytes * len(self.names)
+            self.bytes_d2h += len(evicted_ids) * self.row_bytes * len(self.names)
+        self.clock["plan"] += time.perf_counter() - start
+        return {"slots": slots, "n": len(ids), "moved": moved}
 
-    def _start_writeback(self, ids, slots):
-        """Copy rows (weights and moments together) back towards the host; the scatter into
-        the host tables happens before the next plan reads them (_finish_writeback)."""
-        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
-        staged = {}
-        for name, pool in self.pool.items():
-            rows = pool.index_select(0, slots_dev)                              # (K, n_stem, d_ff)
-            if self.copy_stream is not None:
-                host_rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-                rows = host_rows.copy_(rows, non_blocking=True)
-            staged[name] = rows
-        self.pending_writeback.append((torch.from_numpy(ids), staged, self._record()))
-        self.bytes_d2h += len(ids) * self.row_bytes
+    # -- the worker thread: host gathers and scatters, copies queued in order -------------
 
-    def _finish_writeback(self):
-        for ids, staged, event in self.pending_writeback:
-            if event is not None:
-                event.synchronize()     # queued a step ago: complete in the steady state
-            for name, rows in staged.items():
-                self.host[name].index_copy_(0, ids, rows)
-        self.pending_writeback = []
+    def _move(self, compute_event, out_ids, out_slots, in_ids, in_slots):
+        """Rows at out_slots go back to the host, host rows of in_ids come into in_slots.
+        Returns the copy event after which the incoming rows are in the pool (or None)."""
+        self.copies.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
+        while self.pending and self.pending[0]["event"].query():     # scatter what has arrived meanwhile
+            self._settle_oldest()
+        for start in range(0, len(out_ids), self.staging_rows):
+            chunk = slice(start, start + self.staging_rows)
+            self._write_back(out_ids[chunk], out_slots[chunk])
+        ready = None
+        if len(in_ids):
+            self.wait_for_write_backs(in_ids)
+            for start in range(0, len(in_ids), self.staging_rows):
+                chunk = slice(start, start + self.staging_rows)
+                ready = self._load(in_ids[chunk], in_slots[chunk])
+        return ready
 
-    def _load_rows(self, ids, slots):
-        """Host rows of `ids` into device `slots`, through a pinned staging buffer."""
-        ids_cpu = torch.from_numpy(ids)
-        turn, self.staging_turn = self.staging_turn, 1 - self.staging_turn
-        if self.staging[turn] is not None and self.staging[turn][1] is not None:
-            self.staging[turn][1].synchronize()          # its copy, two batches ago, is done
-        pin = self.copy_stream is not None
-        staged = {}
-        for name, host in self.host.items():
-            buffer = torch.empty((len(ids),) + host.shape[1:], dtype=host.dtype, pin_memory=pin)
-            staged[name] = torch.index_select(host, 0, ids_cpu, out=buffer)   # one vectorised gather
-        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
-        for name, buffer in staged.items():
-            self.pool[name].index_copy_(0, slots_dev, buffer.to(self.device, non_blocking=True))
-        self.slot_of_id[ids_cpu.to(self.device, non_blocking=True)] = slots_dev
-        self.staging[turn] = (staged, self._record())
-        self.bytes_h2d += len(ids) * self.row_bytes
+    def wait_for_write_backs(self, ids):
+        """Before host rows of `ids` are gathered: any of them still on its way back (its
+        write-back queued, not yet scattered) lands first. Write-backs land in order."""
+        holding = [k for k, rec in enumerate(self.pending) if np.isin(rec["ids"], ids).any()]
+        for _ in range(holding[-1] + 1 if holding else 0):
+            self._settle_oldest()
+
+    def _settle_oldest(self):
+        """Scatter the oldest pending write-back into the host tables."""
+        rec = self.pending.popleft()
+        rec["event"].synchronize()                              # its rows have left the device
+        ids = torch.from_numpy(rec["ids"])
+        for name, buffer in self.staging["writeback"][rec["buffer"]].items():
+            self.host[name].index_copy_(0, ids, buffer[:len(ids)])
+
+    def _staging(self, kind):
+        """The next staging buffer of a kind, once the copy that last used it is done."""
+        k = self.turn[kind]
+        self.turn[kind] = 1 - k
+        if kind == "writeback":      # its rows must reach the host before it is refilled
+            while any(rec["buffer"] == k for rec in self.pending):
+                self._settle_oldest()
+        elif self.last_copy[kind][k] is not None:
+            self.last_copy[kind][k].synchronize()
+        return k, self.staging[kind][k]
+
+    def _write_back(self, ids, slots):
+        k, buffers = self._staging("writeback")
+        n = len(ids)
+
+        def copy_out():
+            index = _on(self.device, slots)
+            for name, buffer in buffers.items():
+                if self.device.type == "cuda":
+                    buffer[:n].copy_(self.pool[name].index_select(0, index), non_blocking=True)
+                else:
+                    torch.index_select(self.pool[name], 0, index, out=buffer[:n])
+        self.copies.run(copy_out)
+        self.pending.append({"ids": ids, "buffer": k, "event": self.copies.mark()})
+
+    def _load(self, ids, slots):
+        k, buffers = self._staging("load")
+        n, index = len(ids), torch.from_numpy(ids)
+        for name, buffer in buffers.items():
+            torch.index_select(self.host[name], 0, index, out=buffer[:n])     # one vectorised gather
+
+        def copy_in():
+            slots_on_device = _on(self.device, slots)
+            for name, buffer in buffers.items():
+                self.pool[name].index_copy_(0, slots_on_device, buffer[:n].to(self.device, non_blocking=True))
+        self.copies.run(copy_in)
+        self.last_copy["load"][k] = event = self.copies.mark()
+        return event
+
+    def _drain(self):
+        """Wait until every queued copy and write-back is done: host and pool agree."""
+        if not self.offloaded:
+            return
+        def settle_all():
+            while self.pending:
+                self._settle_oldest()
+            self.copies.mark().synchronize()
+        self.worker.submit(settle_all).result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- the table-source interface ---------------------------------------------------
 
+    @torch.compiler.disable      # plans and waits are host bookkeeping: outside any compiled graph
     def lookup(self, unique_ids):
-        """(U,) device ids -> (U, n_stem, d_ff) rows. Uses the plan prepared for these ids;
-        with none (eval, generation) it plans them now, which reads the ids on the host
-        (a sync: fine off the training hot path)."""
-        plan = self.prepared.pop(id(unique_ids), None)
+        """(U,) device ids -> (U, n_stem, d_ff) rows. A training lookup (grad enabled) uses
+        the oldest prepared plan, or plans now (reading the ids on the host: a sync). A
+        no-grad lookup on training tables (evaluation) reads current weights and changes
+        nothing: no write-back, no LFU count, no catch-up stored."""
+        if self.training_tables and not torch.is_grad_enabled():
+            return self._read_weights(unique_ids)
+        plan = self.prepared.popleft() if self.prepared else None
+        if plan is not None and plan["n"] != unique_ids.shape[0]:
+            raise RuntimeError(f"lookup of {unique_ids.shape[0]} ids, but the oldest prepared batch has "
+                               f"{plan['n']}: batches must be looked up in the order they were prepared")
         if plan is None:
             ids = unique_ids.cpu().numpy()
             plan = self._plan(ids, np.ones_like(ids))
-        if plan["ready"] is not None:
-            torch.cuda.current_stream(self.device).wait_event(plan["ready"])
-        slots = self.slot_of_id[unique_ids]
-        if self.training_tables:       # catch-up: rows skipped by lazy steps are brought up to date first
+        start = time.perf_counter()
+        if plan["moved"] is not None:
+            ready = plan["moved"].result()      # the worker has queued this batch's copies
+            if ready is not None:
+                self._compute_waits(ready)
+        slots = _on(self.device, plan["slots"]) if self.offloaded else unique_ids
+        self.clock["wait"] += time.perf_counter() - start
+        if self.training_tables:
+            # catch-up: rows skipped by lazy steps are brought up to date first
             self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots,
                                     unique_ids)
-        if self.training_tables and torch.is_grad_enabled():
             self.in_flight.append(plan)       # its slots stay locked until step()
             return RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
         rows = self.pool["weight"].index_select(0, slots)
-        # nothing will write these rows: free them now (later copies wait for this gather),
-        # but only this plan's, since a training batch may be waiting for its step()
-        self._release([plan])
+        self._release([plan])                 # later copies into these slots wait for this gather
         return rows
+
+    @torch.no_grad()
+    def _read_weights(self, unique_ids):
+        """Current weights of unique_ids (U, n_stem, d_ff) from the pool (rows on the device)
+        or the host tables (the others), without changing any state."""
+        names = self.names if self.optimizer.catch_up_mode else ("weight",)   # catch-up needs the moments
+        if not self.offloaded:
+            rows = {name: self.pool[name].index_select(0, unique_ids) for name in names}
+        else:
+            self._drain()
+            ids = unique_ids.cpu().numpy()
+            slots = self.cache.slot_of_id[ids]
+            on_device = torch.from_numpy(slots >= 0).to(self.device)
+            device_rows = torch.from_numpy(np.maximum(slots, 0)).to(self.device)
+            rows = {}
+            for name in names:
+                from_host = self.host[name].index_select(0, torch.from_numpy(ids)).to(self.device)
+                from_pool = self.pool[name].index_select(0, device_rows)
+                rows[name] = torch.where(on_device.view(-1, 1, 1), from_pool, from_host)
+            self.bytes_h2d += int((slots < 0).sum()) * self.row_bytes * len(names)
+        if self.optimizer.catch_up_mode:
+            return self.optimizer.current_weight(rows["weight"], rows["exp_avg"], rows["exp_avg_sq"], unique_ids)
+        return rows["weight"]
 
     def release(self):
         """The batches looked up are done: unlock their slots; transient rows leave."""
@@ -428,14 +674,13 @@ class SparseTables(nn.Module):
         self._release(plans)
 
     def _release(self, plans):
-        if self.cache is not None:
-            for plan in plans:
-                ids, slots = self.cache.release(plan["slots"])
-                if len(ids):
-                    with self._side_stream():
-                        if self.training_tables:
-                            self._start_writeback(ids, slots)
-                        self.slot_of_id[torch.from_numpy(ids).to(self.device, non_blocking=True)] = -1
+        if self.cache is None:
+            return
+        for plan in plans:
+            ids, slots = self.cache.release(plan["slots"])
+            if len(ids) and self.training_tables:
+                self.worker.submit(functools.partial(self._move, self._compute_event(), ids, slots, ids[:0], ids[:0]))
+                self.bytes_d2h += len(ids) * self.row_bytes * len(self.names)
 
     @torch.no_grad()
     def step(self, lr, max_norm=0.0):
@@ -448,12 +693,12 @@ class SparseTables(nn.Module):
             # in id order, as resident slots are: the norm's summation order (its last bits)
             # must not depend on the cache layout, or resident and offloaded runs drift apart
             slots = slots[np.argsort(self.cache.id_of_slot[slots])]
-        slots_dev = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        slots_dev = _on(self.device, slots)
         grad = self.grad_pool[slots_dev]                                        # (K, n_stem, d_ff)
         norm = grad.norm()
         if max_norm > 0:
             grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        ids = torch.from_numpy(self.cache.id_of_slot[slots]) if self.offloaded else slots_dev
+        ids = _on(self.device, self.cache.id_of_slot[slots]) if self.offloaded else slots_dev
         self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr,
                               ids)
         self.grad_pool.index_fill_(0, slots_dev, 0)
@@ -467,12 +712,10 @@ class SparseTables(nn.Module):
         with catch-up, bring every row up to the current step."""
         if not self.offloaded:
             if self.training_tables:
-                every = torch.arange(len(self.slot_of_id), device=self.device)
+                every = torch.arange(self.pool["weight"].shape[0], device=self.device)
                 self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], every, every)
             return
-        if self.copy_stream is not None:
-            torch.cuda.synchronize(self.device)
-        self._finish_writeback()
+        self._drain()
         if self.training_tables:
             slots = np.flatnonzero(self.cache.id_of_slot >= 0)
             ids = torch.from_numpy(self.cache.id_of_slot[slots])
@@ -494,15 +737,14 @@ class SparseTables(nn.Module):
 
     def load_tensors(self, state):
         """Load weights (and moments, where given) from a tensors() dict."""
+        self._drain()
         target = self.host if self.offloaded else self.pool
         for name, value in state.items():
             if name in target:
                 target[name].copy_(value)
         if self.offloaded:      # the host rows are the truth now: forget the device copies
-            self.pending_writeback = []         # and the stale rows on their way back
             self.cache = LFUCache(len(self.cache.slot_of_id), self.cache.n_cached,
                                   len(self.cache.id_of_slot) - self.cache.n_cached)
-            self.slot_of_id.fill_(-1)
 
     @torch.no_grad()
     def read_rows(self, ids):
@@ -539,26 +781,28 @@ class SparseTables(nn.Module):
             missing_keys.append(prefix + "weight")
 
     def stats(self):
-        """Tokens requested, unique ids, unique misses, hit rates, bytes moved."""
+        """Tokens requested, unique ids, unique misses, hit rates, bytes moved, and the
+        seconds of the training thread (plan, wait), the worker and the copy queue."""
         s = dict(self.cache.stats) if self.cache is not None else {}
         if s:
             s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])
             s["unique_hit_rate"] = 1 - s["unique_misses"] / max(1, s["unique"])
-        s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h)
+            s.update(worker_seconds=self.worker.busy,
+                     copy_seconds=self.copies.lane.busy if self.copies.lane is not None else None)
+        s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h, plan_seconds=self.clock["plan"],
+                 wait_seconds=self.clock["wait"])
         return s
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def use_sparse_tables(model, device, cache_rows=None, transient_rows=0, training=True,
-                      dtype=torch.float32, optimizer=None):
-    """Replace model.tables (stem.ResidentTables) by SparseTables holding the same rows."""
-    weight = model.tables.weight.detach().cpu()
-    model.tables = SparseTables(weight, device, cache_rows, transient_rows, training, dtype, optimizer)
+                      dtype=torch.float32, optimizer=None, staging_rows=0, delay=None):
+    """Replace model.tables (stem.ResidentTables) by SparseTables holding the same rows. The
+    old table is let go before the new buffers are allocated, so that the device never
+    holds two full tables (give it a model whose tables are still on the CPU to avoid even one)."""
+    weight = model.tables.weight.detach()
+    if weight.device.type != "cpu":
+        weight = weight.cpu()
+    model.tables = None               # frees a device-resident table before the pool is allocated
+    model.tables = SparseTables(weight, device, cache_rows, transient_rows, training, dtype, optimizer,
+                                staging_rows, delay)
     return model.tables

@@ -73,7 +73,7 @@ def assert_rows_close(tables, state, dense, ids):
     pools = tables.tensors() if ids is None else None
     ids = torch.arange(VOCAB) if ids is None else ids
     if pools is None:       # the touched rows, read where they are without catching anything else up
-        slots = tables.slot_of_id[ids]
+        slots = ids                   # resident: a row's slot is its id
         pools = {name: pool[slots] for name, pool in tables.pool.items()}
         want = {"weight": dense.detach()[ids], "exp_avg": state["exp_avg"][ids], "exp_avg_sq": state["exp_avg_sq"][ids]}
     else:

@@ -384,28 +384,34 @@ def test_evicted_row_comes_back_with_its_update_and_moments():
 
     # ids 1 and 2, three tokens each, beat row 5 (freq 1) and the empty slot: 5 is evicted
     ri = stem.RowIndex(torch.tensor([1, 2]), torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([3, 3]))
+    g12 = torch.randn(2, n_stem, d_ff)
     d2h = tables.stats()["bytes_d2h"]
     tables.prepare(ri)
-    with torch.no_grad():
-        tables.lookup(ri.unique_ids)
+    (tables.lookup(ri.unique_ids) * g12).sum().backward()
+    tables.step(lr)
     assert tables.cache.slot_of_id[5] == -1
     assert tables.stats()["evictions"] == 1
     assert tables.stats()["bytes_d2h"] - d2h == n_stem * d_ff * 4 * 3     # weight + 2 moments
 
-    # requested again (it now loses to 1 and 2, so it comes back into a transient slot)
-    h2d = tables.stats()["bytes_h2d"]
+    # an evaluation read of 5 (no grad): the weight alone comes from the host, nothing
+    # about the cache changes (no LFU count, no slot)
+    h2d, freq = tables.stats()["bytes_h2d"], tables.cache.freq.copy()
     with torch.no_grad():
         rows = tables.lookup(five)
-    assert tables.stats()["bytes_h2d"] - h2d == n_stem * d_ff * 4 * 3     # it came from the host
+    assert tables.stats()["bytes_h2d"] - h2d == n_stem * d_ff * 4            # weights only
+    assert np.array_equal(tables.cache.freq, freq) and tables.cache.slot_of_id[5] == -1
     torch.testing.assert_close(rows[0].double(), w1, rtol=1e-6, atol=1e-7)
-    # its moments came back with it: step 2 follows AdamW's second step exactly
+    # read for training, it comes back with its moments (it loses to 1 and 2, so into a
+    # transient slot): its next step follows AdamW exactly
+    h2d = tables.stats()["bytes_h2d"]
     (tables.lookup(five) * c2).sum().backward()
+    assert tables.stats()["bytes_h2d"] - h2d == n_stem * d_ff * 4 * 3
     tables.step(lr)
-    ref = lazy_adamw_float64(w0, [(five, c1), (five, c2)], lr)
+    ref = lazy_adamw_float64(w0, [(five, c1), (torch.tensor([1, 2]), g12), (five, c2)], lr)
     out = tables.tensors()
     for name in ref:
         torch.testing.assert_close(out[name].double(), ref[name], rtol=1e-6, atol=1e-7)
-    assert torch.equal(out["weight"][[0, 1, 2, 3, 4, 6, 7, 8, 9]], w0[[0, 1, 2, 3, 4, 6, 7, 8, 9]])
+    assert torch.equal(out["weight"][[0, 3, 4, 6, 7, 8, 9]], w0[[0, 3, 4, 6, 7, 8, 9]])
 
 
 # -- 5: dedup: only unique rows move -------------------------------------------------
