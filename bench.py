@@ -103,7 +103,10 @@ class Runner:
         optimizer = {None: "adamw", "catchup": "adamw_catchup"}.get(tables, "lazy_adamw")
         self.tc = train.TrainConfig(device=device, batch_size=bc.batch_size,
                                     tables="offload" if tables == "offload" else "resident",
-                                    table_optimizer=optimizer, table_cache_fraction=bc.table_cache_fraction)
+                                    table_optimizer=optimizer, table_cache_fraction=bc.table_cache_fraction,
+                                    # slots for every row of the two batches in flight (synthetic ids:
+                                    # nothing to measure the need on)
+                                    table_transient_rows=min(2 * bc.batch_size * config.block_size, config.vocab_size))
         self.sparse = train.use_table_options(self.model, self.tc, config, device)
         self.optimizer = train.configure_optimizer(self.model, self.tc, device)
         if bc.compile:
@@ -121,7 +124,7 @@ class Runner:
 
     def prepare(self, batch):
         if self.sparse:
-            self.raw_model.tables.prepare(batch.row_index_cpu, key=batch.row_index.unique_ids)
+            self.raw_model.tables.prepare(batch.row_index_cpu)
 
     def step(self, batch):
         train.train_step(self.model, self.optimizer, lambda: batch, self.tc, self.tc.learning_rate, self.ctx)

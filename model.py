@@ -282,7 +282,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.config.block_size}")
-        if not idx.is_cuda:   # on the GPU the loader checked the ids; a check here would sync
+        # on the GPU the loader checked the ids (a check here would sync), and under
+        # torch.compile it would break the graph on a data-dependent value: skipped there
+        if not idx.is_cuda and not torch.compiler.is_compiling():
             stem.check_ids(idx, self.config.vocab_size)
         rows = None
         if self.tables is not None:

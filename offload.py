@@ -335,7 +335,9 @@ class Lane:
     def __init__(self, name, delay=None):
         self.jobs, self.busy = queue.SimpleQueue(), 0.0
         rng = random.Random(delay[0]) if delay else None
-        threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
+                                       daemon=True)
+        self.thread.start()
 
     def _serve(self, rng, max_delay):
         while (job := self.jobs.get()) is not None:
@@ -404,6 +406,13 @@ def pin(tensors):
         for t in registered:
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
     return unpin
+
+
+def _dynamic_rows(rows):
+    """The number of unique ids changes every batch: say so to torch.compile, so that the
+    graph after the lookup is compiled once for any count instead of recompiling."""
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
+    return rows
 
 
 def _on(device, array):
@@ -503,10 +512,10 @@ class SparseTables(nn.Module):
 
     # -- the training thread: plans ----------------------------------------------------
 
-    def prepare(self, row_index, key=None):
+    def prepare(self, row_index):
         """Start bringing the rows of a batch to the device for a later training lookup;
         lookups take prepared plans in the order they were prepared. row_index: the batch's
-        stem.RowIndex on the CPU (unique ids and their counts). key: unused (kept for callers)."""
+        stem.RowIndex on the CPU (unique ids and their counts)."""
         counts = row_index.counts if row_index.counts is not None else torch.ones_like(row_index.unique_ids)
         self.prepared.append(self._plan(row_index.unique_ids.numpy(), counts.numpy()))
 
@@ -620,7 +629,7 @@ class SparseTables(nn.Module):
         no-grad lookup on training tables (evaluation) reads current weights and changes
         nothing: no write-back, no LFU count, no catch-up stored."""
         if self.training_tables and not torch.is_grad_enabled():
-            return self._read_weights(unique_ids)
+            return _dynamic_rows(self._read_weights(unique_ids))
         plan = self.prepared.popleft() if self.prepared else None
         if plan is not None and plan["n"] != unique_ids.shape[0]:
             raise RuntimeError(f"lookup of {unique_ids.shape[0]} ids, but the oldest prepared batch has "
@@ -640,10 +649,11 @@ class SparseTables(nn.Module):
             self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots,
                                     unique_ids)
             self.in_flight.append(plan)       # its slots stay locked until step()
-            return RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
+            rows = RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
+            return _dynamic_rows(rows)
         rows = self.pool["weight"].index_select(0, slots)
         self._release([plan])                 # later copies into these slots wait for this gather
-        return rows
+        return _dynamic_rows(rows)
 
     @torch.no_grad()
     def _read_weights(self, unique_ids):

@@ -52,6 +52,7 @@ def select_layers(spec, n_layer):
     return layers
 
 
+@torch.compiler.disable     # reads values on the host: never traced (model.forward skips it under compile)
 def check_ids(ids, vocab_size):
     """Raise a clear error for token ids outside [0, vocab_size)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
@@ -63,12 +64,21 @@ def check_ids(ids, vocab_size):
 class RowIndex:
     """The dedup of a batch: unique_ids (U,) sorted, inverse (B, T) with
     unique_ids[inverse] == idx, counts (U,) occurrences of each id (None if unknown).
-    Computed where the batch already is on the CPU."""
+    Computed where the batch already is on the CPU.
+    U changes from batch to batch: every RowIndex marks it dynamic for torch.compile, so
+    that a compiled model traces one graph for all U instead of recompiling per size."""
     unique_ids: torch.Tensor
     inverse: torch.Tensor
     counts: torch.Tensor = None
 
+    def __post_init__(self):
+        if not torch.compiler.is_compiling():
+            for t in (self.unique_ids, self.counts):
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+
     @staticmethod
+    @torch.compiler.disable     # a data-dependent size: under compile it runs eagerly, outside the graph
     def of(idx):
         unique_ids, inverse, counts = torch.unique(idx, sorted=True, return_inverse=True, return_counts=True)
         return RowIndex(unique_ids, inverse, counts)

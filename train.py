@@ -26,6 +26,7 @@ from tqdm import tqdm
 import configurator
 import eval as downstream_eval
 import offload
+import plan
 import stem
 from configurator import UsageError, knob
 from model import GPT, GPTConfig
@@ -66,6 +67,10 @@ class TrainConfig:
     table_catchup: str = knob("full", choices=("full", "decay", "momentum"))   # adamw_catchup ablations
     tables: str = knob("resident", choices=("resident", "offload"))   # offload: host memory + device LFU cache
     table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
+    table_transient_rows: int = knob(0, ge=0)    # offload: device slots for rows of batches in flight that the
+                                    # cache does not hold; 0: the rows in flight measured on the data (plan.py)
+    table_staging_rows: int = knob(1024, ge=1)   # offload: rows per pinned staging buffer (loads and write-backs,
+                                    # double-buffered: 4 buffers of weights and moments)
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = knob("auto", choices=configurator.DTYPES)   # auto: bfloat16 on CUDA, float32 on CPU
@@ -73,6 +78,7 @@ class TrainConfig:
     seed: int = knob(1337, ge=0)
     deterministic: bool = False     # CUDA: deterministic kernels and cuBLAS workspace (slower); the CPU
                                     # runs are bitwise repeatable without it
+    dry_run: bool = False           # print the memory plan (device, host, checkpoint) and exit; allocates nothing
 
     def __post_init__(self):
         configurator.check(self)
@@ -124,8 +130,8 @@ class BatchLoader:
         return batch
 
     def _draw(self):
-        ix = torch.randint(len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
-        window = torch.from_numpy(np.stack([self.data[i:i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64))
+        window = plan.draw_windows(self.data, self.generator, self.batch_size, self.block_size)   # (B, T+1)
+        window = torch.from_numpy(window.astype(np.int64))
         x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
         row_index = row_index_cpu = stem.RowIndex.of(x) if self.with_row_index else None
         try:
@@ -196,12 +202,11 @@ def use_table_options(model, tc, config, device):
     decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
     lazy = offload.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
                              catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
-    cache_rows = transient_rows = None
-    if tc.tables == "offload":
-        cache_rows = max(1, int(tc.table_cache_fraction * config.vocab_size))
-        # batches in flight: grad_accum_steps looked up before the step, plus one prefetched
-        transient_rows = (tc.grad_accum_steps + 1) * min(tc.batch_size * config.block_size, config.vocab_size)
-    offload.use_sparse_tables(model, device, cache_rows, transient_rows or 0, training=True, optimizer=lazy)
+    # offloaded: slots for the rows of the batches in flight (one step's micro-batches and the
+    # prefetched one) that the cache does not hold, measured on the data unless set
+    cache_rows, transient_rows = plan.table_slots(tc, config)
+    offload.use_sparse_tables(model, device, cache_rows, transient_rows, training=True, optimizer=lazy,
+                              staging_rows=tc.table_staging_rows)
     return True
 
 
@@ -300,6 +305,8 @@ def estimate_loss(model, loaders, eval_iters, ctx):
 
 def train(tc, model_overrides):
     """Run training as configured; return a summary dict (final losses, iterations)."""
+    if tc.dry_run:
+        return plan.dry_run(tc, model_overrides)
     if not tc.deterministic:
         return run_training(tc, model_overrides)
     # cuBLAS reads this when it first starts, so it must be set before the first matmul
@@ -341,17 +348,20 @@ def run_training(tc, model_overrides):
     if config.vocab_size < meta["vocab_size"]:
         raise UsageError(f"vocab_size {config.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
 
+    if device.startswith("cuda"):      # stop now, not out of memory halfway through building
+        plan.check_fits(plan.plan_run(tc, config, device, dtype), tc, device)
     torch.manual_seed(tc.seed)
     token_counts = None
     if config.ffn == "hash_moe" and config.hash_assignment == "balanced" and checkpoint is None:
         train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
         token_counts = np.bincount(train_data, minlength=config.vocab_size)[:config.vocab_size]
-    model = GPT(config, token_counts).to(device)
+    model = GPT(config, token_counts)     # on the CPU: lazy tables are converted before anything moves
     sparse = use_table_options(model, tc, config, device)
+    model.to(device)
     optimizer = configure_optimizer(model, tc, device)
     loader_args = dict(dtype=meta["dtype"], batch_size=tc.batch_size, block_size=config.block_size,
                        vocab_size=config.vocab_size, device=device, with_row_index=model.tables is not None)
-    on_draw = (lambda b: model.tables.prepare(b.row_index_cpu, key=b.row_index.unique_ids)) if sparse else None
+    on_draw = (lambda b: model.tables.prepare(b.row_index_cpu)) if sparse else None
     train_loader = BatchLoader(os.path.join(data_dir, "train.bin"), seed=tc.seed, lookahead=sparse,
                                on_draw=on_draw, **loader_args)
     eval_loaders = {split: BatchLoader(os.path.join(data_dir, f"{split}.bin"), seed=0, **loader_args)

@@ -600,13 +600,13 @@ def test_gpu_offloaded_stress_matches_resident():
     eval_ids = torch.arange(0, vocab, 7, device="cuda")
     both = (resident, offloaded)
     for tables in both:
-        tables.prepare(ris[0], key=keys[0])
+        tables.prepare(ris[0])
     i = 0
     for step in range(steps):
         for _ in range(accum):
             grad = torch.randn(len(ris[i].unique_ids), n_stem, d_ff, device="cuda")
             for tables in both:
-                tables.prepare(ris[i + 1], key=keys[i + 1])
+                tables.prepare(ris[i + 1])
                 (tables.lookup(keys[i]) * grad).sum().backward()
             i += 1
         lr = 1e-2 * (0.5 + 0.5 * math.cos(math.pi * step / steps))
@@ -640,8 +640,8 @@ def test_gpu_steady_state_training_makes_no_host_sync():
         ri = stem.RowIndex.of(xy[:, :-1])
         batches.append((xy[:, :-1].cuda(), xy[:, 1:].cuda(), ri, ri.to("cuda")))
 
-    def prepare(k):              # CPU ids for the plan, the device copy as the lookup's key
-        tables.prepare(batches[k][2], key=batches[k][3].unique_ids)
+    def prepare(k):              # the plan reads the CPU ids
+        tables.prepare(batches[k][2])
 
     def train_step(k):
         prepare(k + 1)           # the next batch's rows are fetched while this one runs

@@ -1,0 +1,435 @@
+"""
+The memory plan of a training run: what train.py will hold on the device and on the
+host, by component, computed before anything is allocated.
+
+    python train.py config/stem_350m.py --tables=offload --table_optimizer=adamw_catchup --dry_run=True
+
+- STEM tables: exactly the tensors offload.SparseTables allocates (offload.table_buffers),
+  or, with dense AdamW, the stem.ResidentTables parameter with its gradient and moments.
+- Backbone: fp32 weights, gradients and two AdamW moments, counted on a model built on
+  the meta device (nothing is allocated).
+- Activations: a formula for the tensors one micro-batch saves for backward (checked
+  against saved-tensor hooks in tests/test_plan.py), plus the logits and the looked-up rows.
+- Working sets that come and go (a micro-batch's forward/backward, the lazy AdamW step
+  over the touched rows, the catch-up of rows being read, dense tables' backward, the
+  checkpoint's finiteness check): only the largest is counted, they never overlap.
+- Rows in flight (offloaded tables): the device must hold the unique ids of one optimiser
+  step plus the prefetched micro-batch. Measured on the dataset by drawing windows exactly
+  as train.BatchLoader does (the run's own first steps, same seed), or, without the
+  dataset, estimated from a Zipf model.
+
+Not counted: the CUDA context (~0.5 GiB) and the allocator's fragmentation; leave ~2 GiB.
+Imports no script (train.py imports this module).
+"""
+
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import configurator
+import offload
+from configurator import DEVICE_HELP, UsageError
+from model import GPT, GPTConfig
+
+GiB = 2 ** 30
+MEASURE_STEPS = 200          # optimiser steps of windows drawn to measure the rows in flight
+MARGIN = (0.10, 64)          # planned slots = max measured * 1.10 + 64: on data/text at 16 x 1024 x 5
+                             # micro-batches the max over 2,000 steps is 1% above the max over 200
+ZIPF_EXPONENT = 1.1          # without the data: token ranks ~ r^-1.1, i.i.d. (real text repeats itself
+                             # within a window: the 50k stdlib BPE needs 7.2k rows where this says 12.7k)
+# Working sets of offload.py's arithmetic, in rows of fp32 (n_stem, d_ff):
+STEP_ROWS_PER_ROW = 4        # lazy AdamW step: the gradient and weight/moments of the touched rows, gathered
+CATCHUP_ROWS_PER_ROW = 7     # catch-up of a chunk: w, m, v, u, w*keep, move*u, and the result
+CATCHUP_CHUNK = 4096         # offload.LazyAdamW.catch_up's chunk of rows
+
+
+# -----------------------------------------------------------------------------
+# rows in flight
+
+def draw_windows(data, generator, batch_size, block_size):
+    """A micro-batch of random windows, (B, T + 1) tokens, as train.BatchLoader draws it
+    (the inputs are [:, :-1], the targets [:, 1:])."""
+    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    return np.stack([data[i:i + block_size + 1] for i in ix.tolist()])
+
+
+@dataclass
+class InFlight:
+    rows: int            # planned transient slots: the measured max with the margin, at most the vocabulary
+    in_flight: int       # max unique ids of grad_accum_steps + 1 consecutive micro-batches (measured/estimated)
+    step: int            # max unique ids of one optimiser step (the rows a lazy step updates)
+    batch: int           # max unique ids of one micro-batch (the rows one lookup returns)
+    source: str          # where the numbers come from, for the plan's output
+
+
+def with_margin(n, vocab_size):
+    return min(vocab_size, math.ceil(n * (1 + MARGIN[0])) + MARGIN[1])
+
+
+def zipf_unique(vocab_size, n_tokens, exponent=ZIPF_EXPONENT):
+    """Expected number of distinct ids among n_tokens i.i.d. draws with P(rank r) ~ r^-exponent."""
+    p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
+    p /= p.sum()
+    return float(-np.expm1(n_tokens * np.log1p(-p)).sum())       # sum_r 1 - (1 - p_r)^n
+
+
+def rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps=MEASURE_STEPS):
+    """The unique ids the device must hold at once: one optimiser step (grad_accum_steps
+    micro-batches, looked up before the step) plus the micro-batch prefetched during its
+    last one. Measured over `steps` steps of the run's own draws (the seed of its
+    loader) on the dataset's train.bin; estimated from a Zipf model when the bins are
+    not there or use ids beyond vocab_size. Cached while train.bin is unchanged (the
+    dry run, the fit check and the tables' slots ask for the same numbers)."""
+    path = os.path.join(configurator.data_dir_of(dataset), "train.bin")
+    stamp = (os.stat(path).st_mtime_ns, os.path.getsize(path)) if os.path.exists(path) else None
+    return _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, stamp):
+    G = grad_accum_steps
+    meta = read_meta(dataset)
+    path = os.path.join(configurator.data_dir_of(dataset), "train.bin")
+    usable = (meta is not None and os.path.exists(path) and meta.get("dtype") in ("uint16", "uint32")
+              and meta.get("vocab_size", math.inf) <= vocab_size)
+    data = np.memmap(path, dtype=meta["dtype"], mode="r") if usable else None
+    if data is not None and len(data) > block_size + 1:
+        generator = torch.Generator().manual_seed(seed)
+        # one sorted unique per micro-batch (B*T ids), then unions of a few thousand each
+        unique = [np.unique(draw_windows(data, generator, batch_size, block_size)[:, :-1])
+                  for _ in range(steps * G + 1)]
+        in_flight = max(len(np.unique(np.concatenate(unique[k * G:k * G + G + 1]))) for k in range(steps))
+        step = max(len(np.unique(np.concatenate(unique[k * G:k * G + G]))) for k in range(steps))
+        batch = max(len(u) for u in unique)
+        source = f"measured over {steps} steps of {os.path.relpath(path)}"
+    else:
+        tokens = batch_size * block_size
+        in_flight, step, batch = (math.ceil(zipf_unique(vocab_size, n * tokens)) for n in (G + 1, G, 1))
+        source = (f"estimated from i.i.d. Zipf({ZIPF_EXPONENT}) ids (no usable {os.path.relpath(path)}; "
+                  f"real text needs fewer)")
+    return InFlight(with_margin(in_flight, vocab_size), in_flight, with_margin(step, vocab_size),
+                    with_margin(batch, vocab_size), source)
+
+
+def read_meta(dataset):
+    """The dataset's meta.json, or None when there is none (a dry run can plan without data)."""
+    try:
+        return configurator.load_meta(dataset)
+    except UsageError:
+        pass
+    try:
+        with open(os.path.join(configurator.data_dir_of(dataset), "meta.json")) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def table_slots(tc, config):
+    """(cache_rows, transient_rows) of offloaded tables; (None, 0) when resident.
+    transient_rows: the knob, or (0) the measured rows in flight."""
+    if tc.tables != "offload":
+        return None, 0
+    cache_rows = min(config.vocab_size, max(1, int(tc.table_cache_fraction * config.vocab_size)))
+    transient = tc.table_transient_rows or rows_in_flight(
+        tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, config.vocab_size, tc.seed).rows
+    return cache_rows, transient
+
+
+# -----------------------------------------------------------------------------
+# activations
+
+def activation_bytes(config, batch_size, act_bytes):
+    """Bytes of the tensors one micro-batch saves for backward, eager, by part. act_bytes:
+    4 in float32; 2 under bf16 autocast, where matmul outputs are bf16 and every matmul
+    saves its own bf16 cast of its input. Norms (F.rms_norm's composite: input, rstd,
+    input * rstd) and the residual stream stay float32. Dropout is not modelled (the
+    configs train without), MoE layers count as dense FFNs, and a fused CUDA rms_norm or
+    torch.compile saves less: an upper estimate there."""
+    c = config
+    B, T, C, f, a = batch_size, c.block_size, c.n_embd, 4, act_bytes
+    N, hd = B * T, c.n_embd // c.n_head
+    kv = c.n_kv_head * hd
+    autocast = a != 4
+
+    def norm(matmuls_reading):
+        # in float32 the normalised output is saved once (shared by the matmuls reading it)
+        out = matmuls_reading * N * C * a if autocast else N * C * f
+        return N * (2 * C * f + f) + out
+
+    # SDPA saves q, k, v, its output and logsumexp. q and k are views of the rotated (q, k);
+    # v a view of qkv's output; with grouped-query heads k, v are repeated to n_head copies
+    # instead (and qkv's output is not kept). The output is laid out (B, T, H, hd), so proj's
+    # input is a view of it.
+    kv_saved = N * (C + 2 * kv) * a if c.n_kv_head == c.n_head else 2 * N * C * a
+    attention = norm(1) + N * (C + kv) * a + kv_saved + N * C * a + B * c.n_head * T * 4
+    # FFN: gate's output, SiLU's output, the up-projection (the table rows, or their sum with
+    # W_up x for up+table) and their product, all (B, T, d_ff); the norm's output is read by
+    # two matmuls (gate, up) or one (STEM: gate, or up for the gate variant)
+    reads = {"up": 1, "gate": 1, "up+table": 2}[c.stem_variant]
+    stem_ffn = norm(reads) + 4 * N * c.d_ff * a
+    dense_ffn = norm(2) + 4 * N * c.d_ff * a
+    n_stem = len(c.stem_layer_ids)
+    return {
+        "attention": c.n_layer * attention,
+        "FFN": n_stem * stem_ffn + (c.n_layer - n_stem) * dense_ffn,
+        # the ids (wte's, and the STEM layers' shared inverse index), the final norm, the
+        # loss's float32 log-probabilities (B*T, V) and targets
+        "embedding, final norm, loss": N * 8 * (1 + (n_stem > 0)) + norm(1) + N * c.vocab_size * 4 + N * 8,
+    }
+
+
+# -----------------------------------------------------------------------------
+# the plan
+
+@dataclass
+class Plan:
+    """Components (place, name, bytes); places: device, host. Working sets of a place
+    (place "device*" / "host*") never overlap: only the largest counts."""
+    header: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    checkpoint: list = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    tables: str = "none"         # none | dense (AdamW over a resident parameter) | resident | offload
+    transient_rows: int = 0
+    table_layout: dict = field(default_factory=dict)     # offload.table_buffers of lazy tables
+
+    def table_bytes(self):
+        """{place: bytes} of the lazy tables' buffers (places of offload.table_buffers)."""
+        out = {}
+        for shape, dt, place in self.table_layout.values():
+            out[place] = out.get(place, 0) + nbytes(shape, dt)
+        return out
+
+    def add(self, place, name, nbytes, detail=""):
+        if nbytes:
+            self.rows.append((place, name, int(nbytes), detail))
+
+    def total(self, place):
+        fixed = sum(b for p, _, b, _ in self.rows if p == place)
+        return fixed + max([b for p, _, b, _ in self.rows if p == place + "*"], default=0)
+
+    def format(self):
+        lines = list(self.header)
+        for place, title in (("device", f"device ({self.device})"), ("host", "host")):
+            lines.append(f"{title}:")
+            rows = [r for r in self.rows if r[0] == place]
+            working = [r for r in self.rows if r[0] == place + "*"]
+            top = max([r[2] for r in working], default=None)
+            if working:
+                rows.append((place, "the largest of these, which come and go:", 0, ""))
+            for p, name, b, detail in rows + working:
+                mark = "" if p == place else "* " if b == top else "  "
+                lines.append(f"  {mark + name:<70} " + (f"{b / GiB:8.2f} GiB" if b else ""))
+                if detail:
+                    lines.append(f"      {detail}")
+            lines.append(f"  {'total':<70} {self.total(place) / GiB:8.2f} GiB")
+        ckpt = sum(b for _, b in self.checkpoint)
+        lines.append(f"checkpoint on disk: {ckpt / GiB:.2f} GiB ("
+                     + ", ".join(f"{name} {b / GiB:.2f}" for name, b in self.checkpoint) + ")")
+        lines += self.notes
+        lines.append(f"plan: device {self.total('device') / GiB:.2f} GiB, host {self.total('host') / GiB:.2f} GiB")
+        return "\n".join(lines)
+
+
+def nbytes(shape, dtype):
+    return math.prod(shape) * dtype.itemsize
+
+
+def checkpoint_bytes(model, tc, sparse):
+    """What train.py's checkpoint_now writes: model state (tied weights once), AdamW
+    state, the lazy tables' moments and catch-up history."""
+    params = {id(p): p for p in model.parameters()}
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    model_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    model_bytes += sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in param_names)
+    table = model.tables.weight if model.tables is not None else None
+    adam = [p for p in params.values() if not sparse or p is not table]      # AdamW's groups
+    parts = [("model", model_bytes),
+             ("AdamW state", sum(2 * p.numel() * 4 + 4 for p in adam))]
+    if sparse:
+        history = 2 * 8 * (tc.max_iters + 1) + table.shape[0] * 8 if tc.table_optimizer == "adamw_catchup" else 0
+        parts.append(("table moments", 2 * table.numel() * 4 + history))
+    return parts
+
+
+def plan_run(tc, config, device, dtype):
+    """The Plan of a training run with TrainConfig tc and GPTConfig config on `device`
+    ('cpu' | 'cuda' | 'cuda:N') with compute dtype `dtype` ('float32' | 'bfloat16')."""
+    with torch.device("meta"):      # shapes only: nothing is allocated
+        model = GPT(config)
+    cuda = device.startswith("cuda")
+    a = 2 if dtype == "bfloat16" else 4
+    table = model.tables.weight if model.tables is not None else None
+    sparse = table is not None and tc.table_optimizer != "adamw"
+    offloaded = sparse and tc.tables == "offload"
+    p = Plan(device=device, dtype=dtype, tables="none" if table is None else tc.tables if sparse else "dense")
+    V, C, B, T, G = config.vocab_size, config.n_embd, tc.batch_size, config.block_size, tc.grad_accum_steps
+    n_stem, d_ff = len(config.stem_layer_ids), config.d_ff
+    row = n_stem * d_ff * 4                                  # one fp32 row, every STEM layer
+    table_bytes = table.numel() * 4 if table is not None else 0
+    flight = rows_in_flight(tc.dataset, B, T, G, V, tc.seed) if table is not None else None
+    U = flight.batch if flight else 0                        # rows of one micro-batch's lookup
+
+    backbone = [q for q in model.parameters() if q is not table]
+    n_backbone = sum(q.numel() for q in backbone)
+    p.header.append(f"memory plan: {config.n_layer} layers, n_embd {C}, vocab {V}, {n_stem} STEM layers of "
+                    f"d_ff {d_ff}; micro-batch {B} x {T}, grad_accum_steps {G}; {dtype} on {device}"
+                    + (f"; tables {tc.tables}, {tc.table_optimizer}" if table is not None else ""))
+    p.add("device", f"backbone weights ({n_backbone / 1e6:.1f}M params, fp32)", n_backbone * 4)
+    p.add("device", "backbone gradients (fp32)", n_backbone * 4)
+    p.add("device", "backbone AdamW moments (2 x fp32)", n_backbone * 8)
+    p.add("device", "buffers (RoPE, ...)", sum(b.numel() * b.element_size() for b in model.buffers()))
+
+    # the tables: exactly what will be allocated
+    host_tables, n_slots = 0, V
+    if table is not None and not sparse:
+        p.add("device", f"table weights {tuple(table.shape)} (dense AdamW, fp32)", table_bytes)
+        p.add("device", "table gradient (dense, fp32)", table_bytes)
+        p.add("device", "table AdamW moments (2 x fp32)", 2 * table_bytes)
+    elif sparse:
+        cache_rows, transient = table_slots(tc, config)
+        buffers = offload.table_buffers(V, n_stem, d_ff, cache_rows=cache_rows, transient_rows=transient,
+                                        staging_rows=tc.table_staging_rows, training=True, dtype=torch.float32,
+                                        device_is_cuda=cuda)
+        p.table_layout, p.transient_rows = buffers, transient
+        groups = {}         # numbered buffers (double-buffered staging) on one line
+        for name, (shape, dt, place) in buffers.items():
+            kind = "staging" if re.match(r"[a-z]+\d+\.", name) else name
+            groups.setdefault((kind, tuple(shape), dt, place), []).append(name)
+        for (kind, shape, dt, place), names in groups.items():
+            what = {"pool.weight": "table weights", "pool.exp_avg": "table first moments",
+                    "pool.exp_avg_sq": "table second moments", "grad_pool": "table gradient",
+                    "host.weight": "host table weights", "host.exp_avg": "host table first moments",
+                    "host.exp_avg_sq": "host table second moments"}.get(kind, kind)
+            size = f"{len(names)} x {shape[0]}" if len(names) > 1 else f"{shape[0]}"
+            p.add("device" if place == "device" else "host",
+                  f"{what}{' pinned' if place == 'pinned' else ''} ({size} rows, {str(dt).replace('torch.', '')})",
+                  len(names) * nbytes(shape, dt))
+            host_tables += len(names) * nbytes(shape, dt) if place != "device" else 0
+        if offloaded:
+            n_slots = min(cache_rows, V) + transient
+            p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "
+                           f"{tc.table_cache_fraction}) + {transient} transient "
+                           + ("(table_transient_rows)" if tc.table_transient_rows else
+                              f"(rows in flight {flight.in_flight} + {MARGIN[0]:.0%} + {MARGIN[1]})"))
+    if flight is not None:
+        p.notes.append(f"rows in flight: at most {flight.in_flight} unique ids in {G} micro-batches + 1 prefetched, "
+                       f"{flight.batch} planned per micro-batch, {flight.step} per step; {flight.source}")
+
+    # working sets on the device, on top of the above; they do not overlap
+    acts = activation_bytes(config, B, a)
+    held = B * T * V * a                                  # logits; train_step's `_` keeps the previous
+    logits = held * (2 if G > 1 else 1) + (B * T * V * 4 if a != 4 else 0)   # micro-batch's, + a float32 copy
+    casts = sum(q.numel() for q in backbone if q.dim() >= 2 and (q is not model.wte.weight or config.tie_embeddings))
+    casts = casts * 2 if a != 4 else 0                    # autocast's bf16 copies of the matmul weights
+    p.add("device*", f"forward/backward of a micro-batch ({B} x {T})", sum(acts.values()) + logits + casts + U * row,
+          "saved for backward: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in acts.items())
+          + f"; logits {logits / GiB:.2f}" + (f"; bf16 weights {casts / GiB:.2f}" if casts else "")
+          + (f"; looked-up rows {U * row / GiB:.2f}" if U else "") + " GiB")
+    if table is not None:
+        # the lookup's backward, after the layers': n_stem per-layer (U, d_ff) gradients, then their
+        # stack; dense tables: index_select's backward is a zeroed table-sized gradient, added
+        # into .grad from the second micro-batch of a step on
+        dense_grad = table_bytes if not sparse and G > 1 else 0
+        p.add("device*", "end of backward: the looked-up rows' gradients"
+              + (", a table-sized gradient added into .grad" if dense_grad else ""), 2 * U * row + held + dense_grad)
+    if sparse:
+        p.add("device*", f"lazy AdamW step: gradient, weights and moments of the {flight.step} rows touched",
+              STEP_ROWS_PER_ROW * flight.step * row)
+        evals = (8 if tc.table_optimizer == "adamw_catchup" else 3 if offloaded else 1) * U * row
+        # (its rows stay while the forward runs to the logits and their float32 log-softmax)
+        p.add("device*", "evaluation: a no-grad lookup (weights, and moments for catch-up), then the logits",
+              max(evals, U * row + B * T * V * (a + 4 + (4 if a != 4 else 0))))
+        if tc.table_optimizer == "adamw_catchup":
+            chunk = min(CATCHUP_CHUNK, U if offloaded else V)   # resident: the checkpoint's flush, every row
+            p.add("device*", f"catch-up of {chunk} rows being read", CATCHUP_ROWS_PER_ROW * chunk * row)
+    if offloaded:
+        p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", n_slots * row)
+    elif table is not None:
+        p.add("device*", "checkpoint: isfinite() of the table (1 byte an entry)", table.numel())
+
+    # the host, beside the host tables above
+    build = n_backbone * 4 + table_bytes                  # the model is built on the CPU, then converted and moved
+    p.add("host*", "building: the model on the CPU" + (", before it moves" if cuda else ""), build)
+    if offloaded:
+        catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, V) * row if tc.table_optimizer == "adamw_catchup" else 0
+        p.add("host*", "checkpoint: the largest of isfinite(), the flushed slots, a catch-up",
+              max(table.numel(), n_slots * row, catchup))
+    elif table is not None and cuda:
+        p.add("host*", "checkpoint: torch.save stages the table through host memory", table_bytes)
+    p.checkpoint = checkpoint_bytes(model, tc, sparse)
+    if tc.init_from == "resume":
+        p.add("host*", "resume: the checkpoint read into memory, then the model built on the CPU",
+              sum(b for _, b in p.checkpoint) + build)
+    if tc.compile:
+        p.notes.append("compile=True: activations planned as in eager mode (a compiled graph usually saves less)")
+    if not cuda:
+        p.notes.append("the device is the CPU: device and host are the same memory")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# train.py's entry points
+
+def plan_device(device, dtype):
+    """configurator.resolve_device without asking for CUDA: a dry run plans a GPU run on any machine."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"device must be {DEVICE_HELP}, got '{device}'")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def model_config(tc, model_overrides, meta):
+    """The GPTConfig a run would build: the checkpoint's on resume, else the overrides with
+    the dataset's vocabulary (or the config's, when the dataset is not there)."""
+    if tc.init_from == "resume":
+        checkpoint, _ = configurator.read_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), mmap=True)
+        return GPTConfig(**checkpoint["model_config"])
+    overrides = dict(model_overrides)
+    if meta is not None and "vocab_size" in meta:
+        overrides.setdefault("vocab_size", meta["vocab_size"])
+    try:
+        return GPTConfig(**overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def dry_run(tc, model_overrides):
+    """Print the plan of the run (--dry_run=True) without allocating; return its totals."""
+    device, dtype = plan_device(tc.device, tc.dtype)
+    meta = read_meta(tc.dataset)
+    config = model_config(tc, model_overrides, meta)
+    p = plan_run(tc, config, device, dtype)
+    if meta is None:
+        p.notes.append(f"dataset '{tc.dataset}' not found: vocab_size {config.vocab_size} from the config")
+    print(p.format())
+    return {"device_bytes": p.total("device"), "host_bytes": p.total("host"), "plan": p}
+
+
+def check_fits(p, tc, device):
+    """Stop a CUDA run whose plan exceeds the device's free memory, naming knobs that shrink it."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    need = p.total("device")
+    if need <= free:
+        return
+    knobs = {"dense": ["--tables=offload --table_optimizer=adamw_catchup"], "resident": ["--tables=offload"],
+             "offload": [f"a lower --table_cache_fraction (now {tc.table_cache_fraction})",
+                         f"fewer --table_transient_rows (now {p.transient_rows}; fewer tokens per step need fewer)"],
+             "none": []}[p.tables]
+    knobs.append(f"a smaller --batch_size (now {tc.batch_size}) with more --grad_accum_steps")
+    if p.dtype != "bfloat16":
+        knobs.append("--dtype=bfloat16")
+    raise UsageError(f"the run needs {need / GiB:.2f} GiB on {device} but {free / GiB:.2f} GiB are free; try "
+                     f"{', '.join(knobs)} (see --dry_run=True)")

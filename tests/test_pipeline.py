@@ -1,0 +1,127 @@
+"""The offloaded tables' asynchronous pipeline (worker thread, copy queue) under random
+delays: it must give the resident tables' bits, and each wait must be needed."""
+
+import numpy as np
+import pytest
+import torch
+
+import offload
+import stem
+
+BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
+VOCAB, N_STEM, D_FF = 48, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread. (Two cost a scheduler wake-up per kernel, which
+    on a busy 2-core machine is ~100 ms for an index_add_ of a few rows.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def zipf_batches(n, tokens, seed):
+    """Micro-batches of token ids drawn from a Zipf law over the vocabulary (as text is)."""
+    weights = 1.0 / np.arange(1, VOCAB + 1) ** 1.1
+    rng = np.random.default_rng(seed)
+    return [stem.RowIndex.of(torch.from_numpy(rng.choice(VOCAB, size=tokens, p=weights / weights.sum())))
+            for _ in range(n)]
+
+
+def train(tables, batches, grads, accum, eval_every=50):
+    """train.py's order: each micro-batch is prepared one ahead of its lookup, the tables
+    step every `accum` micro-batches, an evaluation read now and then."""
+    tables.prepare(batches[0])
+    for i in range(len(batches) - 1):
+        tables.prepare(batches[i + 1])
+        (tables.lookup(batches[i].unique_ids) * grads[i]).sum().backward()
+        if i % accum == accum - 1:
+            tables.step(1e-2 * (0.5 + 0.5 * np.cos(i / len(batches))), 1.0)
+        if i % eval_every == eval_every - 1:
+            with torch.no_grad():
+                tables.lookup(torch.arange(0, VOCAB, 5))
+    return tables.tensors()
+
+
+def run(steps, accum=2, delay=None, seed=0):
+    torch.manual_seed(seed)
+    w0 = torch.randn(VOCAB, N_STEM, D_FF)
+    batches = zipf_batches(steps * accum + 1, 12, seed)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(len(b.unique_ids), N_STEM, D_FF, generator=g) for b in batches]
+    resident = offload.SparseTables(w0, "cpu", optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+    # a 3-row cache: nearly every micro-batch evicts rows and re-reads rows that just left
+    offloaded = offload.SparseTables(w0, "cpu", cache_rows=3, transient_rows=(accum + 1) * 12, staging_rows=4,
+                                     optimizer=offload.LazyAdamW(BETAS, EPS, WD), delay=delay)
+    return train(resident, batches, grads, accum), train(offloaded, batches, grads, accum), offloaded
+
+
+def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
+    """2000 optimiser steps with seeded random delays before every worker job and every
+    copy: the offloaded tables end bit for bit where resident ones do, and the run did hit
+    the race the write-back wait guards (a row gathered while still on its way back)."""
+    waited = []
+    original = offload.SparseTables.wait_for_write_backs
+
+    def counting(self, ids):
+        waited.append(any(np.isin(rec["ids"], ids).any() for rec in self.pending))
+        original(self, ids)
+    monkeypatch.setattr(offload.SparseTables, "wait_for_write_backs", counting)
+    resident, offloaded, tables = run(2000, delay=(7, 2e-4))
+    for name in resident:
+        assert torch.equal(resident[name], offloaded[name]), name
+    stats = tables.stats()
+    assert stats["unique_misses"] > 1000 and stats["bytes_d2h"] > 1000 * N_STEM * D_FF * 4
+    assert sum(waited) > 10, "the delays never left a write-back pending when its row was needed"
+
+
+def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
+    """The same run with the wait switched off: rows are gathered from the host before
+    their update has landed there, and the tables end elsewhere."""
+    monkeypatch.setattr(offload.SparseTables, "wait_for_write_backs", lambda self, ids: None)
+    resident, offloaded, _ = run(300, delay=(7, 2e-4))
+    assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
+
+
+def test_without_the_staging_wait_the_run_diverges(monkeypatch):
+    """A load staging buffer refilled before its last copy to the device has run: the
+    device gets the wrong rows."""
+    monkeypatch.setattr(offload.SparseTables, "_staging", _staging_without_wait)
+    resident, offloaded, _ = run(300, delay=(7, 2e-4))
+    assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
+
+
+def _staging_without_wait(self, kind):
+    k = self.turn[kind]
+    self.turn[kind] = 1 - k
+    if kind == "writeback":
+        while any(rec["buffer"] == k for rec in self.pending):
+            self._settle_oldest()
+    return k, self.staging[kind][k]
+
+
+def test_a_worker_error_reaches_the_training_thread(monkeypatch):
+    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+
+    def broken(self, ids, slots):
+        raise OSError("host table unreadable")
+    monkeypatch.setattr(offload.SparseTables, "_load", broken)
+    tables.prepare(stem.RowIndex.of(torch.tensor([1, 2])))
+    with pytest.raises(OSError, match="unreadable"):
+        tables.lookup(torch.tensor([1, 2]))
+
+
+def test_tables_free_their_threads():
+    import gc
+    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+    (tables.lookup(torch.tensor([1, 2, 3, 4])) * 1.0).sum().backward()
+    tables.step(0.1)
+    threads = [tables.worker.thread, tables.copies.lane.thread]
+    assert all(t.is_alive() for t in threads)
+    del tables
+    gc.collect()
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)

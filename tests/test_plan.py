@@ -1,0 +1,266 @@
+"""plan.py: the memory plan. Table bytes equal what offload.SparseTables allocates, the
+rows-in-flight measurement equals what train.BatchLoader hands out, the activation formula
+matches the tensors autograd saves, and the dry run allocates nothing big."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+sys.path.insert(0, REPO_ROOT)
+import offload  # noqa: E402
+import plan  # noqa: E402
+import train  # noqa: E402
+from configurator import UsageError  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+VOCAB = 96
+
+
+def zipf_dataset(folder, vocab_size=VOCAB, n_tokens=30_000, seed=0):
+    """Token bins with Zipf-like ids (a few hot, many rare), as real text has."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, vocab_size + 1) ** 1.1
+    tokens = rng.choice(vocab_size, size=n_tokens, p=p / p.sum()).astype(np.uint16)
+    os.makedirs(folder, exist_ok=True)
+    tokens[: n_tokens * 9 // 10].tofile(os.path.join(folder, "train.bin"))
+    tokens[n_tokens * 9 // 10:].tofile(os.path.join(folder, "val.bin"))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0}, f)
+    return str(folder)
+
+
+def configs(data, **train_args):
+    args = dict(dataset=data, batch_size=3, grad_accum_steps=2, device="cpu", table_optimizer="lazy_adamw",
+                table_staging_rows=5)
+    args.update(train_args)
+    tc = train.TrainConfig(**args)
+    config = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=48)
+    return tc, config
+
+
+def allocated_bytes(tables, layout):
+    """{place: bytes} of the tensors SparseTables allocated, placed by the plan's layout."""
+    assert set(tables.buffers) == set(layout)
+    out = {}
+    for name, t in tables.buffers.items():
+        shape, dtype, place = layout[name]
+        assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, name
+        out[place] = out.get(place, 0) + t.numel() * t.element_size()
+    return out
+
+
+# -- table bytes: planned == allocated ------------------------------------------------
+
+@pytest.mark.parametrize("tables, optimizer, transient", [
+    ("resident", "lazy_adamw", 0), ("offload", "lazy_adamw", 0), ("offload", "adamw_catchup", 0),
+    ("offload", "lazy_adamw", 37)], ids=["resident-lazy", "offload-measured", "offload-catchup", "offload-knob"])
+def test_planned_table_bytes_equal_allocated_bytes(tmp_path, tables, optimizer, transient):
+    tc, config = configs(zipf_dataset(tmp_path / "d"), tables=tables, table_optimizer=optimizer,
+                         table_transient_rows=transient, table_cache_fraction=0.1)
+    p = plan.plan_run(tc, config, "cpu", "float32")
+    torch.manual_seed(0)
+    model = GPT(config)
+    assert train.use_table_options(model, tc, config, "cpu")
+    assert allocated_bytes(model.tables, p.table_layout) == p.table_bytes()
+    # and the plan's printed device/host lines carry exactly these bytes
+    n_stem = len(config.stem_layer_ids)
+    row = n_stem * config.d_ff * 4
+    if tables == "offload":
+        cache_rows, transient_rows = plan.table_slots(tc, config)
+        assert cache_rows == int(0.1 * VOCAB)
+        flight = plan.rows_in_flight(tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, VOCAB, tc.seed)
+        assert transient_rows == (transient or flight.rows)
+        assert p.table_bytes()["device"] == 4 * (cache_rows + transient_rows) * row    # weights, 2 moments, grad
+        assert p.table_bytes()["host"] == 3 * VOCAB * row + 12 * 5 * row              # tables, 12 staging buffers
+    else:
+        assert p.table_bytes() == {"device": 4 * VOCAB * row}
+
+
+@pytest.mark.parametrize("cache_rows, transient, staging", [(None, 0, 0), (10, 20, 0), (10, 20, 7), (VOCAB, 5, 1)])
+def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient, staging):
+    weight = torch.randn(VOCAB, 2, 8)
+    layout = offload.table_buffers(VOCAB, 2, 8, cache_rows=cache_rows, transient_rows=transient,
+                                   staging_rows=staging, training=False, dtype=torch.bfloat16)
+    tables = offload.SparseTables(weight, "cpu", cache_rows, transient, training=False, dtype=torch.bfloat16,
+                                  staging_rows=staging)
+    planned = {}
+    for shape, dtype, place in layout.values():
+        planned[place] = planned.get(place, 0) + plan.nbytes(shape, dtype)
+    assert allocated_bytes(tables, layout) == planned
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in layout.values())     # weights only, no moments
+    assert not any("exp_avg" in name or "grad" in name for name in layout)
+
+
+def test_dense_adamw_plan_counts_weight_gradient_and_moments(tmp_path):
+    tc, config = configs(zipf_dataset(tmp_path / "d"), table_optimizer="adamw")
+    p = plan.plan_run(tc, config, "cpu", "float32")
+    table = VOCAB * len(config.stem_layer_ids) * config.d_ff * 4
+    table_rows = [b for place, name, b, _ in p.rows if place == "device" and name.startswith("table")]
+    assert sum(table_rows) == 4 * table and p.table_layout == {}
+
+
+@pytest.mark.parametrize("extra", [{}, {"tables": "offload", "table_optimizer": "adamw_catchup"}],
+                         ids=["dense-adamw", "offload-catchup"])
+def test_planned_checkpoint_size_is_the_file_written(tmp_path, extra):
+    data = zipf_dataset(tmp_path / "d")
+    args = dict(dataset=data, out_dir=str(tmp_path / "out"), device="cpu", batch_size=3, grad_accum_steps=2,
+                max_iters=2, eval_interval=2, eval_iters=1, log_interval=1, warmup_iters=1, **extra)
+    shape = dict(block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=48)
+    train.main([f"--{k}={v}" for k, v in {**args, **shape}.items()])
+    tc, config = train.TrainConfig(**args), GPTConfig(vocab_size=VOCAB, **shape)
+    planned = sum(b for _, b in plan.plan_run(tc, config, "cpu", "float32").checkpoint)
+    written = os.path.getsize(tmp_path / "out" / "ckpt.pt")
+    assert planned <= written <= planned * 1.05 + 64 * 1024     # + rng state, config, pickle framing
+
+
+# -- rows in flight ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 3])
+def test_rows_in_flight_equal_what_the_loader_holds(tmp_path, grad_accum_steps):
+    """Independent of plan's own loop: train.BatchLoader with lookahead, consumed as
+    train_step does; the device holds a step's micro-batches and the prefetched one."""
+    data = zipf_dataset(tmp_path / "d", vocab_size=400, n_tokens=20_000)
+    B, T, steps, seed = 2, 24, 40, 7
+    flight = plan.rows_in_flight(data, B, T, grad_accum_steps, 400, seed, steps=steps)
+    loader = train.BatchLoader(os.path.join(data, "train.bin"), "uint16", B, T, 400, "cpu", seed,
+                               with_row_index=True, lookahead=True)
+    truth, step_truth, batch_truth = 0, 0, 0
+    for _ in range(steps):
+        batches = [loader.next() for _ in range(grad_accum_steps)]
+        held = [b.row_index_cpu.unique_ids.numpy() for b in batches]
+        pending = loader.pending.row_index_cpu.unique_ids.numpy()
+        truth = max(truth, len(np.unique(np.concatenate(held + [pending]))))
+        step_truth = max(step_truth, len(np.unique(np.concatenate(held))))
+        batch_truth = max(batch_truth, *(len(h) for h in held))
+    assert flight.in_flight == truth and "measured" in flight.source
+    assert flight.rows >= truth and flight.rows == plan.with_margin(truth, 400)
+    assert flight.step >= step_truth and flight.batch >= batch_truth
+
+
+def test_rows_in_flight_without_data_come_from_a_zipf_model(tmp_path):
+    flight = plan.rows_in_flight(str(tmp_path / "missing"), 16, 1024, 4, 50304, 0)
+    assert "Zipf" in flight.source
+    assert flight.batch < flight.step < flight.in_flight <= flight.rows < 50304
+    # the i.i.d. estimate against a direct simulation of the same model
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, 5001) ** 1.1
+    draws = [len(np.unique(rng.choice(5000, size=3000, p=p / p.sum()))) for _ in range(20)]
+    assert abs(plan.zipf_unique(5000, 3000) - np.mean(draws)) < 0.02 * np.mean(draws)
+
+
+def test_a_model_wider_than_the_data_still_measures_and_caps_at_the_vocabulary(tmp_path):
+    data = zipf_dataset(tmp_path / "d", vocab_size=20, n_tokens=5000)
+    flight = plan.rows_in_flight(data, 8, 32, 4, 24, 0, steps=20)
+    assert "measured" in flight.source and flight.rows == 24        # capped at vocab_size
+    assert "Zipf" in plan.rows_in_flight(data, 8, 32, 4, 16, 0, steps=20).source   # ids beyond the model's
+
+
+# -- activations ----------------------------------------------------------------------
+
+def saved_bytes(config, batch_size):
+    """Bytes autograd keeps for backward of one float32 forward with loss, each storage
+    once, parameters not counted."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    idx = torch.randint(config.vocab_size, (batch_size, config.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, torch.randint(config.vocab_size, idx.shape))
+    del loss
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", [
+    dict(ffn="dense", vocab_size=300, block_size=64, n_layer=2, n_head=4, n_embd=64),
+    dict(ffn="stem", vocab_size=500, block_size=32, n_layer=3, n_head=2, n_embd=96, d_ff=160),
+    dict(ffn="stem", vocab_size=200, block_size=48, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+         stem_layers="half", tie_embeddings=True),
+], ids=["dense", "stem-full", "stem-half-gqa"])
+def test_activation_estimate_matches_saved_tensors(shape):
+    config = GPTConfig(**shape)
+    batch_size = 3
+    estimate = sum(plan.activation_bytes(config, batch_size, 4).values())
+    measured = saved_bytes(config, batch_size)
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
+
+
+# -- the dry run and the fit check ---------------------------------------------------
+
+def test_dry_run_of_the_350m_config_prints_the_plan_and_allocates_nothing_big():
+    args = ["config/stem_350m.py", "--dry_run=True", "--tables=offload", "--table_optimizer=lazy_adamw"]
+    code = ("import resource, runpy, sys; sys.argv = ['train.py'] + sys.argv[1:]; "
+            "runpy.run_path('train.py', run_name='__main__'); "
+            "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code] + args, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    maxrss_gib = int(lines[-1].split()[1]) / 2**20
+    assert maxrss_gib < 2, maxrss_gib        # the table alone is 12 GiB of fp32
+    last = lines[-2]
+    assert last.startswith("plan: device ") and last.endswith(" GiB")
+    device, host = (float(x.split()[0]) for x in last[len("plan: device "):].split("GiB, host "))
+    assert 10 < device < 100 and 36 < host < 200           # host holds 3 x 12.14 GiB of tables and moments
+    assert any(line.startswith("checkpoint on disk:") for line in lines)
+    assert any("host table weights" in line for line in lines)
+
+
+def test_dry_run_plans_a_cuda_run_without_cuda(tmp_path, capsys):
+    data = zipf_dataset(tmp_path / "d")
+    train.main([f"--dataset={data}", "--device=cuda", "--dry_run=True", "--n_layer=2", "--n_embd=32",
+                "--n_head=2", "--block_size=16", "--tables=offload", "--table_optimizer=adamw_catchup"])
+    out = capsys.readouterr().out
+    assert "bfloat16 on cuda" in out and "pinned" in out and out.strip().splitlines()[-1].startswith("plan: ")
+
+
+def test_a_run_that_cannot_fit_stops_naming_the_knobs(tmp_path, monkeypatch):
+    tc, config = configs(zipf_dataset(tmp_path / "d"), tables="offload")
+    p = plan.plan_run(tc, config, "cuda", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (p.total("device") - 1, 80 * 2**30))
+    with pytest.raises(UsageError, match="table_cache_fraction.*table_transient_rows.*batch_size"):
+        plan.check_fits(p, tc, "cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (p.total("device"), 80 * 2**30))
+    plan.check_fits(p, tc, "cuda")          # exactly enough is enough
+
+
+# -- on a GPU ----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_planned_device_table_bytes_are_what_cuda_allocates(tmp_path):
+    tc, config = configs(zipf_dataset(tmp_path / "d"), tables="offload", device="cuda")
+    p = plan.plan_run(tc, config, "cuda", "bfloat16")
+    model = GPT(config)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    train.use_table_options(model, tc, config, "cuda")
+    allocated = torch.cuda.memory_allocated() - before
+    planned = p.table_bytes()["device"]
+    # the caching allocator rounds each tensor up to 512 bytes; the anchor and slot maps are small
+    assert planned <= allocated <= planned + 512 * (len(p.table_layout) + 8) + 8 * VOCAB * 4
+    assert set(p.table_bytes()) == {"device", "host", "pinned"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_that_cannot_fit_stops_before_building(tmp_path, monkeypatch):
+    data = zipf_dataset(tmp_path / "d")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    with pytest.raises(SystemExit, match="error: the run needs .* GiB on cuda but 0.00 GiB are free; try "):
+        train.main([f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", "--device=cuda", "--n_layer=2",
+                    "--n_embd=32", "--n_head=2", "--block_size=16", "--max_iters=1"])
