@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 import configurator
+import lazy_adamw
 import offload
+import plan
 import stem
 import train
 from configurator import UsageError, knob
@@ -49,14 +51,14 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    mode: str = knob("train", choices=("train", "decode", "cache", "compare"))
+    mode: str = knob("train", choices=("train", "decode", "cache", "compare", "pipeline"))
     preset: str = knob("tiny", choices=tuple(PRESETS))
-    batch_size: int = knob(8, ge=1)
+    batch_size: int = knob(0, ge=0)             # 0: 16 for the pipeline, else 8
     tables: str = knob("both", choices=("resident", "offload", "both"))     # train/decode
     table_cache_fraction: float = knob(0.1, gt=0, le=1)
     new_tokens: int = knob(64, ge=1)            # decode: tokens generated per timed run
     prompt_tokens: int = knob(128, ge=2)        # decode: prefill length
-    dataset: str = "facts"                      # cache/compare: the dataset
+    dataset: str = ""                           # cache/compare (default facts), pipeline (default text)
     block_size: int = knob(0, ge=0)             # cache: 0 means the preset's
     n_batches: int = knob(200, ge=2)            # cache: batches (and decode steps) replayed
     cache_fractions: str = "0.01,0.05,0.1,0.25"
@@ -75,10 +77,19 @@ class BenchConfig:
     dtype: str = knob("auto", choices=configurator.DTYPES)
     compile: bool = False
     catchup: bool = False                       # train: also time resident tables with adamw_catchup
+    grad_accum_steps: int = knob(4, ge=1)       # pipeline: micro-batches per optimiser step (as stem_350m.py)
+    micro_batches: int = knob(48, ge=1)         # pipeline: timed micro-batches (after `warmup` steps)
+    layers: int = knob(0, ge=0)                 # pipeline: STEM layers held (0: as many as fit in half the free memory)
+    gpu_mfu: float = knob(0.4, gt=0, le=1)      # pipeline: the GPU's utilisation, to time its compute of a micro-batch
+    gpu: str = "H100 SXM"                       # pipeline: the GPU whose peak times that compute
     seed: int = knob(0, ge=0)
 
     def __post_init__(self):
         configurator.check(self)
+        self.batch_size = self.batch_size or (16 if self.mode == "pipeline" else 8)
+        self.dataset = self.dataset or ("text" if self.mode == "pipeline" else "facts")
+        if self.mode == "pipeline" and gpu_peak_flops(self.gpu) is None:
+            raise UsageError(f"no bf16 peak known for gpu '{self.gpu}'")
 
 
 def zipf_batch(batch_size, block_size, vocab_size, exponent, generator):
@@ -350,6 +361,92 @@ def bench_cache(bc):
                   f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
 
 
+def bench_pipeline(bc):
+    """The offloaded tables' host pipeline on this CPU, at the preset's row size, on real
+    token batches: what the training thread spends per micro-batch on table bookkeeping
+    (planning, queueing, waiting for the worker or a copy) while the worker gathers and
+    scatters host rows. The GPU's compute of each micro-batch is stood in for by a sleep
+    of its FLOPs at the GPU's peak x gpu_mfu (the training thread is blocked behind the
+    GPU then), less the time this CPU spent on the arithmetic a GPU would run (lookup
+    gather, catch-up, backward, lazy AdamW update; reported apart). A machine that
+    cannot hold all STEM layers' tables holds `layers` of them: the row bytes, the
+    worker's and copies' times and the GPU's time all scale with the layers, so they and
+    the waits are reported x (all layers / layers held); planning does not scale."""
+    config = stem_config(PRESETS[bc.preset], bc)
+    V, T, B, G, d_ff = config.vocab_size, config.block_size, bc.batch_size, bc.grad_accum_steps, config.d_ff
+    n_stem = len(config.stem_layer_ids)
+    meta = plan.read_meta(bc.dataset)
+    path = os.path.join(configurator.data_dir_of(bc.dataset), "train.bin")
+    if meta is None or meta.get("vocab_size") != V or not os.path.exists(path):
+        raise UsageError(f"the pipeline bench reads real batches from data/{bc.dataset} prepared with --vocab_size={V}; "
+                         f"e.g. the standard library: python data/text/prepare.py --input=$(python -c 'import "
+                         f"sysconfig; print(sysconfig.get_paths()[\"stdlib\"])') --glob='*.py' "
+                         f"--exclude=site-packages --vocab_size={V}")
+    cache_rows = max(1, int(bc.table_cache_fraction * V))
+    in_flight = plan.rows_in_flight(bc.dataset, B, T, G, V, bc.seed)
+    layout = offload.table_buffers(V, 1, d_ff, cache_rows, in_flight.rows)
+    layer_bytes = sum(plan.nbytes(shape, dtype) for shape, dtype, _ in layout.values())
+    layers = bc.layers or max(1, min(n_stem, int(0.5 * available_memory() / layer_bytes)))
+    layers, scale = min(layers, n_stem), n_stem / min(layers, n_stem)
+    with torch.device("meta"):
+        flops = 3 * GPT(config).flops_per_token() * B * T                      # one micro-batch, training
+    gpu_seconds = flops / (gpu_peak_flops(bc.gpu) * bc.gpu_mfu)
+    print(f"pipeline: {bc.preset} rows ({n_stem} x {d_ff} fp32, weights + 2 moments), {layers} of {n_stem} STEM "
+          f"layers held ({layers * layer_bytes / 2**30:.1f} GiB); times and bytes below x {scale:.2f}")
+    print(f"micro-batch {B} x {T} of {bc.dataset}, {G} per step; cache {cache_rows} rows, {in_flight.rows} transient "
+          f"slots ({in_flight.source}); {bc.gpu} compute {1e3 * gpu_seconds:.1f} ms per micro-batch at "
+          f"{100 * bc.gpu_mfu:.0f}% MFU")
+    tables = offload.SparseTables(torch.zeros(V, layers, d_ff), "cpu", cache_rows, in_flight.rows,
+                                  optimizer=lazy_adamw.LazyAdamW(catch_up="full"))
+    data = np.memmap(path, dtype=meta["dtype"], mode="r")
+    generator = torch.Generator().manual_seed(bc.seed)
+    total = (bc.warmup + bc.micro_batches // G + 1) * G
+    batches = [stem.RowIndex.of(torch.from_numpy(plan.draw_windows(data, generator, B, T)[:, :-1].astype(np.int64)))
+               for _ in range(total + 1)]
+    tables.prepare(batches[0])
+    arithmetic, before = 0.0, None
+    for i in range(total):
+        if i == bc.warmup * G:           # the cache has filled: start counting
+            arithmetic, before = 0.0, tables.stats()
+        start, clock = time.perf_counter(), dict(tables.clock)
+        tables.prepare(batches[i + 1])                       # the next micro-batch's rows start moving
+        rows = tables.lookup(batches[i].unique_ids)           # (U, layers, d_ff)
+        (rows * 1e-3).sum().backward()
+        if i % G == G - 1:
+            tables.step(1e-4, 1.0)
+        spent = time.perf_counter() - start
+        arithmetic += spent - sum(tables.clock[k] - clock[k] for k in ("plan", "wait"))
+        time.sleep(max(0.0, gpu_seconds / scale - spent))    # the GPU runs the micro-batch
+    after, n = tables.stats(), total - bc.warmup * G
+    per = {k: (after[k] - before[k]) / n for k in after if k in before and isinstance(after[k], (int, float))}
+    ms = lambda seconds, scaled=True: 1e3 * seconds * (scale if scaled else 1)
+    worker_ms, gpu_ms = ms(per["worker_seconds"]), ms(gpu_seconds, False)
+    # The worker has one GPU micro-batch to ready the next one's rows. This CPU's slower
+    # arithmetic can give it more (then no wait shows): count at least what it lacks.
+    wait_ms = max(ms(per["wait_seconds"]), worker_ms - gpu_ms)
+    main_ms = ms(per["plan_seconds"], False) + wait_ms
+    print(f"per micro-batch: {per['unique']:.0f} unique ids, {per['unique_misses']:.0f} misses, H2D "
+          f"{scale * per['bytes_h2d'] / 2**30:.3f} GiB, D2H {scale * per['bytes_d2h'] / 2**30:.3f} GiB (write-backs)")
+    print(f"training thread: plan + queue {ms(per['plan_seconds'], False):.2f} ms, waits {wait_ms:.2f} ms (measured "
+          f"{ms(per['wait_seconds']):.2f}, the worker's excess over the GPU's {gpu_ms:.1f} ms "
+          f"{max(0.0, worker_ms - gpu_ms):.2f}); arithmetic a GPU runs, here on the CPU: {ms(arithmetic / n):.1f} ms")
+    print(f"worker: gathers and scatters {worker_ms:.1f} ms, waiting for copies {ms(per['worker_wait_seconds']):.1f} ms; "
+          f"copy queue (the copy engine's work, here on the CPU) {ms(per['copy_seconds']):.1f} ms")
+    print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
+          f"H2D {scale * per['bytes_h2d'] / 2**30:.3f} GiB")
+    return {"main_ms": main_ms, "worker_ms": worker_ms, "layers": layers, "gpu_ms": gpu_ms,
+            "h2d_gib": scale * per["bytes_h2d"] / 2**30, "d2h_gib": scale * per["bytes_d2h"] / 2**30}
+
+
+def available_memory():
+    """Bytes of memory free for new allocations (Linux: MemAvailable), else 8 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 8 * 2**30
+
+
 def variant_overrides(variant):
     """'dense' | 'stem:LAYERS' | 'hash_moe:E' or 'hash_moe:ExK' | 'moe:ExK' | 'expert_choice:ExK'
     | 'mot:E' -> model overrides. Sparse baselines use the same layers as STEM full."""
@@ -461,6 +558,8 @@ def main(argv=None):
             return bench_cache(bc)
         if bc.mode == "compare":
             return bench_compare(bc)
+        if bc.mode == "pipeline":
+            return bench_pipeline(bc)
     except UsageError as e:
         sys.exit(f"error: {e}")
 

@@ -278,9 +278,9 @@ def main(argv=None):
         ec = EvalConfig(**configurator.parse_overrides(argv, EvalConfig))
         tasks = [t.strip() for t in ec.tasks.split(",") if t.strip()]
         device, dtype = configurator.resolve_device(ec.device, ec.dtype)
-        model, tokenizer = sample.load_checkpoint(ec.out_dir, device)
-        if ec.tables == "offload" and model.tables is not None:
-            sample.offload_for_inference(model, device, ec.table_cache_fraction, ec.batch_size, dtype)
+        model, tokenizer = sample.load_checkpoint(ec.out_dir, device, tables=ec.tables,
+                                                  cache_fraction=ec.table_cache_fraction, batch_size=ec.batch_size,
+                                                  dtype=dtype)
         if set(tasks) - {"facts"}:
             print(f"{ec.out_dir} was trained on '{model.dataset}'. A model trained on code or on the facts corpus "
                   f"scores near chance on the paper's tasks.")

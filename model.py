@@ -253,12 +253,17 @@ class GPT(nn.Module):
         # None for a dense model. offload.py swaps this for a host-memory source.
         n_stem = len(config.stem_layer_ids)
         self.tables = stem.ResidentTables(config.vocab_size, n_stem, config.d_ff) if n_stem else None
-        head_dim = config.n_embd // config.n_head
-        cos, sin = rope_cache(head_dim, config.block_size, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.reset_rope()
         self.aux = None     # the last forward's MoE auxiliary losses and loads, for logging
         self.apply(self._init_weights)
+
+    def reset_rope(self, device=None):
+        """(Re)compute the RoPE tables, which checkpoints do not store (a model built on the
+        meta device and given a checkpoint's tensors gets them here)."""
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_cache(c.n_embd // c.n_head, c.block_size, c.rope_theta, device)
 
     def _init_weights(self, module):
         # std 0.02 everywhere; residual output projections scaled by 1/sqrt(2 n_layer) as in GPT-2

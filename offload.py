@@ -30,6 +30,7 @@ Without CUDA the copy queue is a thread too, with the same order and events, so 
 wait is exercised on the CPU (and tests inject random delays to prove each is needed).
 """
 
+import atexit
 import collections
 import functools
 import math
@@ -42,7 +43,8 @@ import weakref
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.optim.adamw import adamw
+
+from lazy_adamw import LazyAdamW
 
 
 class LFUCache:
@@ -133,154 +135,6 @@ class RowGather(torch.autograd.Function):
         return None, None, None, None
 
 
-class LazyAdamW:
-    """AdamW restricted to given rows: torch's own fused AdamW kernel run on the gathered
-    rows, so that a row touched at every step follows dense AdamW exactly. Bias correction
-    uses the global step.
-
-    catch_up=None: untouched rows do not move (no decay, no moment decay) - lazy AdamW.
-    catch_up="full": a row's skipped steps are applied when it is next read, as dense AdamW
-    would have applied them with a zero gradient: the weight decays every step and keeps
-    moving along its decaying first moment. Over the steps s = a+1 .. c after its last
-    touch a (lr_s the step's rate, d_s = 1 - lr_s * wd, rho = beta1 / sqrt(beta2)):
-
-        m_c = beta1^(c-a) m_a,   v_c = beta2^(c-a) v_a
-        w_c = (prod_s d_s) w_a - sum_s (prod_{r>s} d_r) lr_s sqrt(1-beta2^s)/(1-beta1^s) rho^(s-a) u
-        u   = m_a / (sqrt(v_a) + eps)
-
-    exact but for eps: dense AdamW divides by sqrt(v_s) + eps sqrt(1-beta2^s), whose eps
-    part does not decay with v; here eps decays with it, a relative difference in a skipped
-    step's move of about eps / sqrt(v_a) (1e-8 against table gradients of 1e-6 and up:
-    below 1e-2 of an already small move, and 0 when eps is 0). The sum runs over at most
-    `window` skipped steps: rho^window < 1e-20, beyond which the terms are below float64's
-    resolution. Products of d come from a float64 prefix sum of log d over steps.
-    "decay" and "momentum" apply one of the two halves (ablations)."""
-
-    def __init__(self, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, catch_up=None):
-        self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
-        self.catch_up_mode = catch_up
-        self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it
-        if catch_up:
-            rho = self.beta1 / math.sqrt(self.beta2)
-            if not rho < 1:
-                raise ValueError(f"catch-up needs beta1 < sqrt(beta2) (got {self.beta1}, {self.beta2}): a "
-                                 f"skipped row's moves would not decay")
-            self.window = math.ceil(math.log(1e-20) / math.log(rho)) if rho > 0 else 1
-            # per step s = 0..c: log_decay_prefix[s] = sum_{r<=s} log d_r, move_scale[s] = lr_s sqrt(bc2)/bc1
-            self.log_decay_prefix = torch.zeros(1, dtype=torch.float64)
-            self.move_scale = torch.zeros(1, dtype=torch.float64)
-            self.last_step = None         # (vocab,) int64: the step each row was last brought up to
-
-    @property
-    def step_count(self):
-        return int(self.step)
-
-    @step_count.setter
-    def step_count(self, value):
-        self.step.fill_(value)
-
-    def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr, ids=None):
-        """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...); ids: the
-        rows' token ids (catch-up keeps the step of each id)."""
-        # index_select, not pool[slots]: on the CPU it copies whole rows, several times faster
-        w, m, v = (pool.index_select(0, slots) for pool in (weight, exp_avg, exp_avg_sq))   # (K, ...) each
-        self.step = self.step.to(w.device)
-        adamw([w], [grad], [m], [v], [], [self.step], fused=True, amsgrad=False,
-              beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
-              eps=self.eps, maximize=False)              # increments self.step
-        for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
-            pool.index_copy_(0, slots, rows)
-        if self.catch_up_mode:
-            self._record_step(lr)
-            self.last_step[ids] = self.step_count
-
-    # -- catch-up ------------------------------------------------------------------------
-
-    def _record_step(self, lr):
-        s = self.step_count          # the step just taken
-        decay = math.log1p(-lr * self.weight_decay) if lr * self.weight_decay < 1 else -math.inf
-        bias = math.sqrt(1 - self.beta2 ** s) / (1 - self.beta1 ** s)
-        self.log_decay_prefix = torch.cat([self.log_decay_prefix, self.log_decay_prefix[-1:] + decay])
-        self.move_scale = torch.cat([self.move_scale, self.move_scale.new_tensor([lr * bias])])
-
-    def track(self, n_rows, device):
-        """Start tracking n_rows rows (all at the current step)."""
-        if self.catch_up_mode and self.last_step is None:
-            self.last_step = torch.full((n_rows,), self.step_count, dtype=torch.long, device=device)
-            self.log_decay_prefix = self.log_decay_prefix.to(device)     # the history sits beside last_step
-            self.move_scale = self.move_scale.to(device)
-
-    def catch_up(self, weight, exp_avg, exp_avg_sq, slots, ids, chunk_rows=4096):
-        """Bring the rows at `slots` of the pools (token ids `ids`) to the current step, in place."""
-        if not self.catch_up_mode:
-            return
-        c = self.step_count
-        for start in range(0, len(ids), chunk_rows):
-            part_slots, part_ids = slots[start:start + chunk_rows], ids[start:start + chunk_rows]
-            rows = [pool.index_select(0, part_slots) for pool in (weight, exp_avg, exp_avg_sq)]   # (K, ...) each
-            rows = self._brought_up(*rows, self.last_step[part_ids.to(self.last_step.device)], c)
-            for pool, part in zip((weight, exp_avg, exp_avg_sq), rows):
-                pool.index_copy_(0, part_slots, part)
-        self.last_step[ids.to(self.last_step.device)] = c
-
-    def current_weight(self, w, m, v, ids):
-        """The weights that rows w (K, ...) of token ids `ids` have at the current step,
-        without changing any state (reads for evaluation)."""
-        if not self.catch_up_mode:
-            return w
-        return self._brought_up(w, m, v, self.last_step[ids.to(self.last_step.device)], self.step_count)[0]
-
-    def _brought_up(self, w, m, v, last, c):
-        """Rows (w, m, v) last brought up to steps `last` (K,), brought up to step c."""
-        keep, move, moment_steps = self._coefficients(last, c)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        keep, move = keep.to(w.device, w.dtype).view(shape), move.to(w.device, w.dtype).view(shape)
-        moment_steps = moment_steps.to(w.device).view(shape)
-        u = m / (v.sqrt() + self.eps)                                               # (K, ...)
-        w = w * keep - move * u
-        if self.catch_up_mode != "decay":
-            m = m * self.beta1 ** moment_steps.to(w.dtype)
-            v = v * self.beta2 ** moment_steps.to(w.dtype)
-        return w, m, v
-
-    def _coefficients(self, last, c):
-        """(keep, move, gap) per row of last-touched steps `last` (K,), brought up to step c:
-        w_c = keep * w_a - move * u, all float64 (K,)."""
-        log_decay = self.log_decay_prefix.to(last.device)
-        move_scale = self.move_scale.to(last.device)
-        gap = c - last                                                              # (K,)
-        keep = torch.exp(log_decay[c] - log_decay[last])
-        window = min(c, self.window)
-        j = torch.arange(1, window + 1, device=last.device)                        # (J,)
-        steps = (last[:, None] + j[None, :]).clamp(max=c)                          # (K, J): s = a + j
-        rho = self.beta1 / math.sqrt(self.beta2)
-        terms = move_scale[steps] * rho ** j.double()[None, :]
-        if self.catch_up_mode != "momentum":
-            terms = terms * torch.exp(log_decay[c] - log_decay[steps])             # prod_{r>s} d_r
-        move = torch.where(j[None, :] <= gap[:, None], terms, 0.0).sum(1)          # (K,)
-        if self.catch_up_mode == "decay":
-            move = torch.zeros_like(move)
-        elif self.catch_up_mode == "momentum":
-            keep = torch.ones_like(keep)
-        return keep, move, gap
-
-    def state_dict(self):
-        state = {"step_count": self.step_count}
-        if self.catch_up_mode:
-            state.update(last_step=self.last_step.cpu(), log_decay_prefix=self.log_decay_prefix.cpu(),
-                         move_scale=self.move_scale.cpu())
-        return state
-
-    def load_state_dict(self, state):
-        self.step_count = state["step_count"]
-        if self.catch_up_mode:
-            device = self.last_step.device
-            self.last_step = state["last_step"].to(device)
-            self.log_decay_prefix = state["log_decay_prefix"].to(device)
-            self.move_scale = state["move_scale"].to(device)
-
-
 def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, staging_rows=0,
                   training=True, dtype=torch.float32, device_is_cuda=False):
     """Every tensor SparseTables allocates: name -> (shape, dtype, place), place "device",
@@ -338,6 +192,7 @@ class Lane:
         self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
                                        daemon=True)
         self.thread.start()
+        _open_lanes.add(self)
 
     def _serve(self, rng, max_delay):
         while (job := self.jobs.get()) is not None:
@@ -360,6 +215,18 @@ class Lane:
 
     def close(self):
         self.jobs.put(None)
+
+
+_open_lanes = weakref.WeakSet()
+
+
+@atexit.register
+def _close_lanes():
+    """Let every lane finish before the interpreter tears torch down (a thread still inside
+    torch then aborts the process)."""
+    for lane in list(_open_lanes):
+        lane.close()
+        lane.thread.join(timeout=10)
 
 
 class CopyQueue:
@@ -439,7 +306,7 @@ class SparseTables(nn.Module):
     worker and (without CUDA) the copy queue, for tests."""
 
     def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
-                 dtype=torch.float32, optimizer=None, staging_rows=0, delay=None):
+                 dtype=torch.float32, optimizer=None, staging_rows=0, delay=None, take_weight=False):
         super().__init__()
         vocab_size, n_stem, d_ff = weight.shape
         self.device, self.training_tables = torch.device(device), training
@@ -449,8 +316,14 @@ class SparseTables(nn.Module):
         layout = table_buffers(vocab_size, n_stem, d_ff, cache_rows, transient_rows, staging_rows, training,
                                dtype, cuda)
         # every tensor allocated once, here, exactly as planned (the pool is never a copy
-        # of a device tensor: a resident table is copied in from wherever `weight` lives)
-        self.buffers = {name: torch.empty(shape, dtype=dt, device=self.device if place == "device" else "cpu")
+        # of a device tensor: a resident table is copied in from wherever `weight` lives).
+        # take_weight: the caller gives `weight` up, and a CPU table of the host dtype
+        # becomes the host table itself instead of being copied (a checkpoint's mapped
+        # table is then read only where rows are gathered)
+        adopt = (take_weight and self.offloaded and weight.device.type == "cpu" and weight.is_contiguous()
+                 and weight.dtype == layout["host.weight"][1])
+        self.buffers = {name: weight.detach() if adopt and name == "host.weight" else
+                        torch.empty(shape, dtype=dt, device=self.device if place == "device" else "cpu")
                         for name, (shape, dt, place) in layout.items()}
         self.names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
         self.pool = {name: self.buffers[f"pool.{name}"] for name in self.names}
@@ -473,7 +346,8 @@ class SparseTables(nn.Module):
         else:
             self.host, self.cache = None, None
         target = self.host if self.offloaded else self.pool
-        target["weight"].copy_(weight)
+        if not adopt:
+            target["weight"].copy_(weight)
         for name in self.names[1:]:
             target[name].zero_()
         if self.grad_pool is not None:
@@ -483,7 +357,8 @@ class SparseTables(nn.Module):
         self.grad_anchor = torch.empty(0, device=device, requires_grad=True)
         self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size()       # one name's row
         self.bytes_h2d = self.bytes_d2h = 0
-        self.clock = {"plan": 0.0, "wait": 0.0}     # training-thread seconds: planning and queueing, waiting
+        # seconds: the training thread planning and queueing, and waiting; the worker waiting for copies
+        self.clock = {"plan": 0.0, "wait": 0.0, "worker_wait": 0.0}
         self.prepared = collections.deque()         # plans of batches prepared, in order, not yet looked up
         self.in_flight = []                         # plans looked up, awaiting step() / release()
         # worker-thread state: write-backs whose rows are not yet in the host tables (in
@@ -564,7 +439,7 @@ class SparseTables(nn.Module):
     def _settle_oldest(self):
         """Scatter the oldest pending write-back into the host tables."""
         rec = self.pending.popleft()
-        rec["event"].synchronize()                              # its rows have left the device
+        self._wait_copy(rec["event"])                           # its rows have left the device
         ids = torch.from_numpy(rec["ids"])
         for name, buffer in self.staging["writeback"][rec["buffer"]].items():
             self.host[name].index_copy_(0, ids, buffer[:len(ids)])
@@ -577,8 +452,13 @@ class SparseTables(nn.Module):
             while any(rec["buffer"] == k for rec in self.pending):
                 self._settle_oldest()
         elif self.last_copy[kind][k] is not None:
-            self.last_copy[kind][k].synchronize()
+            self._wait_copy(self.last_copy[kind][k])
         return k, self.staging[kind][k]
+
+    def _wait_copy(self, event):
+        start = time.perf_counter()
+        event.synchronize()
+        self.clock["worker_wait"] += time.perf_counter() - start
 
     def _write_back(self, ids, slots):
         k, buffers = self._staging("writeback")
@@ -791,13 +671,15 @@ class SparseTables(nn.Module):
             missing_keys.append(prefix + "weight")
 
     def stats(self):
-        """Tokens requested, unique ids, unique misses, hit rates, bytes moved, and the
-        seconds of the training thread (plan, wait), the worker and the copy queue."""
+        """Tokens requested, unique ids, unique misses, hit rates, bytes moved, and seconds:
+        the training thread's planning (and queueing) and waiting, the worker's work (its
+        gathers and scatters) and its waits for copies, the copy queue's work (CPU)."""
         s = dict(self.cache.stats) if self.cache is not None else {}
         if s:
             s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])
             s["unique_hit_rate"] = 1 - s["unique_misses"] / max(1, s["unique"])
-            s.update(worker_seconds=self.worker.busy,
+            s.update(worker_seconds=self.worker.busy - self.clock["worker_wait"],
+                     worker_wait_seconds=self.clock["worker_wait"],
                      copy_seconds=self.copies.lane.busy if self.copies.lane is not None else None)
         s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h, plan_seconds=self.clock["plan"],
                  wait_seconds=self.clock["wait"])
@@ -808,11 +690,12 @@ def use_sparse_tables(model, device, cache_rows=None, transient_rows=0, training
                       dtype=torch.float32, optimizer=None, staging_rows=0, delay=None):
     """Replace model.tables (stem.ResidentTables) by SparseTables holding the same rows. The
     old table is let go before the new buffers are allocated, so that the device never
-    holds two full tables (give it a model whose tables are still on the CPU to avoid even one)."""
+    holds two full tables (give it a model whose tables are still on the CPU to avoid even
+    one); a CPU table of the host dtype becomes the offloaded host table without a copy."""
     weight = model.tables.weight.detach()
     if weight.device.type != "cpu":
         weight = weight.cpu()
     model.tables = None               # frees a device-resident table before the pool is allocated
     model.tables = SparseTables(weight, device, cache_rows, transient_rows, training, dtype, optimizer,
-                                staging_rows, delay)
+                                staging_rows, delay, take_weight=True)
     return model.tables

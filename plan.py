@@ -46,7 +46,7 @@ ZIPF_EXPONENT = 1.1          # without the data: token ranks ~ r^-1.1, i.i.d. (r
 # Working sets of offload.py's arithmetic, in rows of fp32 (n_stem, d_ff):
 STEP_ROWS_PER_ROW = 4        # lazy AdamW step: the gradient and weight/moments of the touched rows, gathered
 CATCHUP_ROWS_PER_ROW = 7     # catch-up of a chunk: w, m, v, u, w*keep, move*u, and the result
-CATCHUP_CHUNK = 4096         # offload.LazyAdamW.catch_up's chunk of rows
+CATCHUP_CHUNK = 4096         # lazy_adamw.LazyAdamW.catch_up's chunk of rows
 
 
 # -----------------------------------------------------------------------------
@@ -358,7 +358,9 @@ def plan_run(tc, config, device, dtype):
         p.add("device*", "checkpoint: isfinite() of the table (1 byte an entry)", table.numel())
 
     # the host, beside the host tables above
-    build = n_backbone * 4 + table_bytes                  # the model is built on the CPU, then converted and moved
+    # the model is built on the CPU, then converted and moved; offloaded, its table becomes
+    # the host table (counted above) without a copy
+    build = n_backbone * 4 + (0 if offloaded else table_bytes)
     p.add("host*", "building: the model on the CPU" + (", before it moves" if cuda else ""), build)
     if offloaded:
         catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, V) * row if tc.table_optimizer == "adamw_catchup" else 0

@@ -49,20 +49,33 @@ class SampleConfig:
         configurator.check(self)
 
 
-def load_checkpoint(path, device="cpu", need_tokenizer=True):
+def load_checkpoint(path, device="cpu", need_tokenizer=True, tables="resident", cache_fraction=0.1, batch_size=1,
+                    dtype="float32"):
     """Load a checkpoint written by train.py (its folder or the file) and return
     (model, tokenizer): the model in eval mode on `device`, the tokenizer it was trained
     with (stored inside the checkpoint, so the data folder is not needed; None for data
-    without one when need_tokenizer=False)."""
-    # mapped, not read: the optimiser moments (most of a training checkpoint) are never touched
+    without one when need_tokenizer=False). tables="offload" keeps the STEM tables in
+    host memory with an LFU cache of cache_fraction * vocab rows on the device.
+
+    The checkpoint is mapped, not read, and the model is built on the meta device and
+    given the mapped tensors: nothing is allocated twice, and the optimiser moments (most
+    of a training checkpoint) are never touched. Only the backbone (and, resident, the
+    tables) moves to the device; offloaded tables never go there whole."""
     checkpoint, ckpt_path = configurator.read_checkpoint(path, mmap=True)
-    model = GPT(GPTConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    config = GPTConfig(**checkpoint["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(checkpoint["model"], assign=True)
+    if config.tie_embeddings:       # assign gives each name its own parameter: tie them again
+        model.lm_head.weight = model.wte.weight
+    model.reset_rope()
     if checkpoint["tokenizer_json"] is None and need_tokenizer:
         raise UsageError(f"{ckpt_path} was trained on data without a tokenizer; cannot decode text")
     model.eos_id = checkpoint["meta"]["eos_id"]
     model.dataset, model.data_dtype = checkpoint["train_config"]["dataset"], checkpoint["meta"]["dtype"]
     tokenizer = Tokenizer.from_str(checkpoint["tokenizer_json"]) if checkpoint["tokenizer_json"] else None
+    if tables == "offload" and model.tables is not None:
+        offload_for_inference(model, device, cache_fraction, batch_size, dtype)     # before anything moves
     return model.to(device).eval(), tokenizer
 
 
@@ -154,9 +167,8 @@ def main(argv=None):
     try:
         sc = SampleConfig(**configurator.parse_overrides(argv, SampleConfig))
         device, dtype = configurator.resolve_device(sc.device, sc.dtype)
-        model, tokenizer = load_checkpoint(sc.out_dir, device)
-        if sc.tables == "offload" and model.tables is not None:
-            offload_for_inference(model, device, sc.table_cache_fraction, sc.num_samples, dtype)
+        model, tokenizer = load_checkpoint(sc.out_dir, device, tables=sc.tables, cache_fraction=sc.table_cache_fraction,
+                                           batch_size=sc.num_samples, dtype=dtype)
         prompt = sc.start
         if prompt.startswith("FILE:"):
             with open(prompt[5:], encoding="utf-8") as f:

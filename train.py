@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import configurator
 import eval as downstream_eval
+import lazy_adamw
 import offload
 import plan
 import stem
@@ -200,7 +201,7 @@ def use_table_options(model, tc, config, device):
     if model.tables is None or tc.table_optimizer == "adamw":
         return False
     decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
-    lazy = offload.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
+    lazy = lazy_adamw.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
                              catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
     # offloaded: slots for the rows of the batches in flight (one step's micro-batches and the
     # prefetched one) that the cache does not hold, measured on the data unless set

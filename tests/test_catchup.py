@@ -1,4 +1,4 @@
-"""Lazy AdamW with catch-up (offload.LazyAdamW(catch_up="full")) against torch.optim.AdamW
+"""Lazy AdamW with catch-up (lazy_adamw.LazyAdamW(catch_up="full")) against torch.optim.AdamW
 over the whole table: rows untouched for 1, 10 and 1000 steps, a warmup + cosine schedule
 and clipping; weights and moments after every step, every row at the end; resident and
 offloaded tables agree bitwise; resume through train.py is exact."""
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lazy_adamw  # noqa: E402
 import offload  # noqa: E402
 
 VOCAB, SHAPE = 24, (2, 6)
@@ -48,7 +49,7 @@ def run(total, cache_rows=None, mode="full", check=None):
     w0 = torch.randn(VOCAB, *SHAPE)
     grads = [torch.randn(VOCAB, *SHAPE) * 0.1 for _ in range(total)]
     tables = offload.SparseTables(w0.clone(), "cpu", cache_rows, 2 * VOCAB if cache_rows else 0,
-                                  optimizer=offload.LazyAdamW(BETAS, EPS, WD, catch_up=mode))
+                                  optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD, catch_up=mode))
     dense = torch.nn.Parameter(w0.double().clone())
     reference = torch.optim.AdamW([dense], lr=PEAK_LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     for step in range(total):
@@ -91,7 +92,7 @@ def test_catch_up_follows_dense_adamw_every_step_and_every_row_at_the_end():
     assert last[4].item() == 1 and last[5].item() == 0          # rows 4, 5: not read since the start
     assert_rows_close(tables, state, dense, None)                # every row, caught up by the read
     # the comparison can fail: plain lazy AdamW ends elsewhere on the rarely touched rows
-    lazy = offload.SparseTables(torch.zeros(VOCAB, *SHAPE), "cpu", optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+    lazy = offload.SparseTables(torch.zeros(VOCAB, *SHAPE), "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     assert lazy.optimizer.catch_up_mode is None
     lazy_tables, _, _ = run(60, mode=None)
     ref_tables, ref_state, ref_dense = run(60)
@@ -110,7 +111,7 @@ def test_offloaded_catch_up_equals_resident_bitwise():
 
 def test_coefficients_match_a_step_by_step_float64_loop():
     """keep and move against the recurrence w <- d_s w - k_s rho^(s-a) u run one step at a time."""
-    opt = offload.LazyAdamW(BETAS, EPS, WD, catch_up="full")
+    opt = lazy_adamw.LazyAdamW(BETAS, EPS, WD, catch_up="full")
     opt.track(4, "cpu")
     lrs = [lr_at(s, 900) for s in range(900)]
     for lr in lrs:

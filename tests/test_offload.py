@@ -18,6 +18,7 @@ import torch
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 sys.path.insert(0, REPO_ROOT)
+import lazy_adamw  # noqa: E402
 import offload  # noqa: E402
 import stem  # noqa: E402
 import train  # noqa: E402
@@ -244,7 +245,7 @@ def test_lazy_adamw_follows_torch_adamw_on_touched_rows_and_freezes_the_rest():
     weight = torch.randn(n_rows, *shape)
     w0 = weight.clone()
     exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
-    lazy = offload.LazyAdamW(betas=BETAS, eps=EPS, weight_decay=WD)
+    lazy = lazy_adamw.LazyAdamW(betas=BETAS, eps=EPS, weight_decay=WD)
     # reference 1: torch AdamW on row 0 alone (row 0 is touched at every step)
     row0 = torch.nn.Parameter(weight[0].clone())
     ref = torch.optim.AdamW([row0], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD)
@@ -344,9 +345,9 @@ def test_offloaded_tables_write_back_and_match_a_float64_lazy_adamw():
     batches = [torch.randint(0, vocab, (6,), generator=g) for _ in range(13)]
     ris = [stem.RowIndex.of(b) for b in batches]
     grads = [torch.randn(len(ri.unique_ids), n_stem, d_ff, generator=g) for ri in ris]
-    resident = offload.SparseTables(w0, "cpu", optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+    resident = offload.SparseTables(w0, "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     offloaded = offload.SparseTables(w0, "cpu", cache_rows=3, transient_rows=2 * 6,
-                                     optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+                                     optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     for tables in (resident, offloaded):
         tables.prepare(ris[0])
         for k in range(len(batches) - 1):
@@ -371,7 +372,7 @@ def test_evicted_row_comes_back_with_its_update_and_moments():
     c1 = torch.randn(1, n_stem, d_ff)
     c2 = torch.randn(1, n_stem, d_ff)
     tables = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=4,
-                                  optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+                                  optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     five = torch.tensor([5])
     # step 1 on row 5 (admitted into an empty cached slot): gradient c1
     (tables.lookup(five) * c1).sum().backward()
@@ -588,9 +589,9 @@ def test_gpu_offloaded_stress_matches_resident():
     B, T, accum, steps = 4, 64, 2, 200
     torch.manual_seed(0)
     w0 = torch.randn(vocab, n_stem, d_ff) * 0.05
-    resident = offload.SparseTables(w0, "cuda", optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+    resident = offload.SparseTables(w0, "cuda", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     offloaded = offload.SparseTables(w0, "cuda", cache_rows=64, transient_rows=(accum + 1) * B * T,
-                                     optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+                                     optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
     g = torch.Generator().manual_seed(1)
     micro = [torch.multinomial(zipf, B * T, replacement=True, generator=g).view(B, T)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import lazy_adamw
 import offload
 import stem
 
@@ -51,10 +52,10 @@ def run(steps, accum=2, delay=None, seed=0):
     batches = zipf_batches(steps * accum + 1, 12, seed)
     g = torch.Generator().manual_seed(seed)
     grads = [torch.randn(len(b.unique_ids), N_STEM, D_FF, generator=g) for b in batches]
-    resident = offload.SparseTables(w0, "cpu", optimizer=offload.LazyAdamW(BETAS, EPS, WD))
+    resident = offload.SparseTables(w0, "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     # a 3-row cache: nearly every micro-batch evicts rows and re-reads rows that just left
     offloaded = offload.SparseTables(w0, "cpu", cache_rows=3, transient_rows=(accum + 1) * 12, staging_rows=4,
-                                     optimizer=offload.LazyAdamW(BETAS, EPS, WD), delay=delay)
+                                     optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD), delay=delay)
     return train(resident, batches, grads, accum), train(offloaded, batches, grads, accum), offloaded
 
 
