@@ -6,6 +6,8 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
     python bench.py --mode=decode --preset=350m      # decode tokens/s: resident vs offloaded tables
     python bench.py --mode=cache --dataset=text --batch_size=8 --block_size=1024
                                                      # dedup and LFU hit rates of a dataset's batches
+    python bench.py --mode=pipeline --preset=350m    # offloaded tables' host pipeline per micro-batch on real
+                                                     # text: main thread, worker, bytes (--device=cuda: real copies)
     python bench.py --mode=compare --dataset=facts   # train dense, STEM third/half/full, Hash-MoE and
                                                      # top-2 MoE on the same tokens; results table + plot
 
@@ -82,6 +84,8 @@ class BenchConfig:
     layers: int = knob(0, ge=0)                 # pipeline: STEM layers held (0: as many as fit in half the free memory)
     gpu_mfu: float = knob(0.4, gt=0, le=1)      # pipeline: the GPU's utilisation, to time its compute of a micro-batch
     gpu: str = "H100 SXM"                       # pipeline: the GPU whose peak times that compute
+    copy_gbps: float = knob(25.0, gt=0)         # pipeline on the CPU: the copy engine's rate each way (pinned
+                                                # PCIe copies; ~25 GB/s is a conservative H100 figure)
     seed: int = knob(0, ge=0)
 
     def __post_init__(self):
@@ -361,14 +365,14 @@ def bench_cache(bc):
                   f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
 
 
-def bench_pipeline(bc):
-    """The offloaded tables' host pipeline on this CPU, at the preset's row size, on real
-    token batches: what the training thread spends per micro-batch on table bookkeeping
+def bench_pipeline(bc, device):
+    """The offloaded tables' host pipeline at the preset's row size, on real token batches
+    (on the CPU, or with --device=cuda the real copies on a side stream): what the training thread spends per micro-batch on table bookkeeping
     (planning, queueing, waiting for the worker or a copy) while the worker gathers and
     scatters host rows. The GPU's compute of each micro-batch is stood in for by a sleep
     of its FLOPs at the GPU's peak x gpu_mfu (the training thread is blocked behind the
-    GPU then), less the time this CPU spent on the arithmetic a GPU would run (lookup
-    gather, catch-up, backward, lazy AdamW update; reported apart). A machine that
+    GPU then); the arithmetic a GPU would run (lookup gather, catch-up, backward, lazy
+    AdamW update) runs on this CPU before the next plan is queued and is reported apart. A machine that
     cannot hold all STEM layers' tables holds `layers` of them: the row bytes, the
     worker's and copies' times and the GPU's time all scale with the layers, so they and
     the waits are reported x (all layers / layers held); planning does not scale."""
@@ -396,27 +400,33 @@ def bench_pipeline(bc):
     print(f"micro-batch {B} x {T} of {bc.dataset}, {G} per step; cache {cache_rows} rows, {in_flight.rows} transient "
           f"slots ({in_flight.source}); {bc.gpu} compute {1e3 * gpu_seconds:.1f} ms per micro-batch at "
           f"{100 * bc.gpu_mfu:.0f}% MFU")
-    tables = offload.SparseTables(torch.zeros(V, layers, d_ff), "cpu", cache_rows, in_flight.rows,
-                                  optimizer=lazy_adamw.LazyAdamW(catch_up="full"))
+    # without CUDA the copy engine is a wait of bytes / copy_gbps: a DMA engine does not take
+    # the CPU's cores, and copying on them here would take the cores the worker needs
+    weight = torch.full((V, layers, d_ff), 0.01)     # written, not calloc-ed: its pages exist, as a real table's do
+    tables = offload.SparseTables(weight, device, cache_rows, in_flight.rows,
+                                  optimizer=lazy_adamw.LazyAdamW(catch_up="full"),
+                                  copy_rate=None if device.startswith("cuda") else bc.copy_gbps * 1e9)
     data = np.memmap(path, dtype=meta["dtype"], mode="r")
     generator = torch.Generator().manual_seed(bc.seed)
     total = (bc.warmup + bc.micro_batches // G + 1) * G
     batches = [stem.RowIndex.of(torch.from_numpy(plan.draw_windows(data, generator, B, T)[:, :-1].astype(np.int64)))
                for _ in range(total + 1)]
+    device_ids = [b.unique_ids.to(device) for b in batches]
     tables.prepare(batches[0])
     arithmetic, before = 0.0, None
     for i in range(total):
         if i == bc.warmup * G:           # the cache has filled: start counting
             arithmetic, before = 0.0, tables.stats()
         start, clock = time.perf_counter(), dict(tables.clock)
-        tables.prepare(batches[i + 1])                       # the next micro-batch's rows start moving
-        rows = tables.lookup(batches[i].unique_ids)           # (U, layers, d_ff)
+        rows = tables.lookup(device_ids[i])                   # (U, layers, d_ff)
         (rows * 1e-3).sum().backward()
         if i % G == G - 1:
             tables.step(1e-4, 1.0)
-        spent = time.perf_counter() - start
-        arithmetic += spent - sum(tables.clock[k] - clock[k] for k in ("plan", "wait"))
-        time.sleep(max(0.0, gpu_seconds / scale - spent))    # the GPU runs the micro-batch
+        # this CPU's arithmetic (a GPU's work) is done before the next micro-batch's rows
+        # start moving, so that it neither slows the worker nor lends it time
+        tables.prepare(batches[i + 1])
+        arithmetic += time.perf_counter() - start - sum(tables.clock[k] - clock[k] for k in ("plan", "wait"))
+        time.sleep(gpu_seconds / scale)                       # the GPU runs micro-batch i + 1's forward and backward
     after, n = tables.stats(), total - bc.warmup * G
     per = {k: (after[k] - before[k]) / n for k in after if k in before and isinstance(after[k], (int, float))}
     ms = lambda seconds, scaled=True: 1e3 * seconds * (scale if scaled else 1)
@@ -430,8 +440,10 @@ def bench_pipeline(bc):
     print(f"training thread: plan + queue {ms(per['plan_seconds'], False):.2f} ms, waits {wait_ms:.2f} ms (measured "
           f"{ms(per['wait_seconds']):.2f}, the worker's excess over the GPU's {gpu_ms:.1f} ms "
           f"{max(0.0, worker_ms - gpu_ms):.2f}); arithmetic a GPU runs, here on the CPU: {ms(arithmetic / n):.1f} ms")
-    print(f"worker: gathers and scatters {worker_ms:.1f} ms, waiting for copies {ms(per['worker_wait_seconds']):.1f} ms; "
-          f"copy queue (the copy engine's work, here on the CPU) {ms(per['copy_seconds']):.1f} ms")
+    copies = ("" if per.get("copy_seconds") is None else
+              f"; copy engine (a wait of bytes / {bc.copy_gbps:g} GB/s) {ms(per['copy_seconds']):.1f} ms")
+    print(f"worker: gathers and scatters {worker_ms:.1f} ms, waiting for copies {ms(per['worker_wait_seconds']):.1f} ms"
+          + copies)
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
           f"H2D {scale * per['bytes_h2d'] / 2**30:.3f} GiB")
     return {"main_ms": main_ms, "worker_ms": worker_ms, "layers": layers, "gpu_ms": gpu_ms,
@@ -559,7 +571,7 @@ def main(argv=None):
         if bc.mode == "compare":
             return bench_compare(bc)
         if bc.mode == "pipeline":
-            return bench_pipeline(bc)
+            return bench_pipeline(bc, device)
     except UsageError as e:
         sys.exit(f"error: {e}")
 

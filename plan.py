@@ -327,8 +327,8 @@ def plan_run(tc, config, device, dtype):
 
     # working sets on the device, on top of the above; they do not overlap
     acts = activation_bytes(config, B, a)
-    held = B * T * V * a                                  # logits; train_step's `_` keeps the previous
-    logits = held * (2 if G > 1 else 1) + (B * T * V * 4 if a != 4 else 0)   # micro-batch's, + a float32 copy
+    held = B * T * V * a                                  # the logits
+    logits = held + (B * T * V * 4 if a != 4 else 0)      # + a float32 copy
     casts = sum(q.numel() for q in backbone if q.dim() >= 2 and (q is not model.wte.weight or config.tie_embeddings))
     casts = casts * 2 if a != 4 else 0                    # autocast's bf16 copies of the matmul weights
     p.add("device*", f"forward/backward of a micro-batch ({B} x {T})", sum(acts.values()) + logits + casts + U * row,

@@ -245,7 +245,7 @@ def train_step(model, optimizer, next_batch, tc, lr, ctx):
     for _ in range(tc.grad_accum_steps):
         batch = next_batch()
         with ctx:
-            _, loss = model(batch.x, batch.y, batch.row_index)
+            loss = model(batch.x, batch.y, batch.row_index)[1]   # not the logits: let them go before the next forward
         (loss / tc.grad_accum_steps).backward()
     grad_norm, table_grad_norm = clip_grads(raw_model, tc)
     if isinstance(raw_model.tables, offload.SparseTables):
