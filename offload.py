@@ -135,12 +135,15 @@ class RowGather(torch.autograd.Function):
         return None, None, None, None
 
 
+STAGING_BUFFERS = {"load": 2, "writeback": 2}      # staging buffers of each kind, of staging_rows rows
+
+
 def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, staging_rows=0,
                   training=True, dtype=torch.float32, device_is_cuda=False):
     """Every tensor SparseTables allocates: name -> (shape, dtype, place), place "device",
     "host" or "pinned" (host memory page-locked on CUDA, because device copies read or
     write it). The memory plan (plan.py) reads the same list, so planned bytes are
-    allocated bytes. staging_rows=0 means min(1024, device slots)."""
+    allocated bytes. staging_rows=0 means min(256, device slots)."""
     dtype = torch.float32 if training else dtype        # training keeps fp32 master rows
     names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
     row = (n_stem, d_ff)
@@ -150,13 +153,13 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, s
     else:
         cache_rows = min(cache_rows, vocab_size)
         n_slots = cache_rows + transient_rows
-        staging_rows = min(staging_rows or 1024, n_slots)
+        staging_rows = min(staging_rows or 256, n_slots)
         for name in names:
             buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "host")
         # double-buffered staging: rows coming in (gathered from the host tables) and, in
         # training, rows going out (copied from the device, then scattered into the host)
-        for kind in ("load", "writeback") if training else ("load",):
-            for k in (0, 1):
+        for kind, count in STAGING_BUFFERS.items() if training else [("load", 2)]:
+            for k in range(count):
                 for name in names:
                     buffers[f"{kind}{k}.{name}"] = ((staging_rows,) + row, dtype,
                                                     "pinned" if device_is_cuda else "host")
@@ -337,8 +340,9 @@ class SparseTables(nn.Module):
         if self.offloaded:
             self.host = {name: self.buffers[f"host.{name}"] for name in self.names}
             self.staging_rows = layout["load0.weight"][0][0]
-            self.staging = {kind: [{name: self.buffers[f"{kind}{k}.{name}"] for name in self.names} for k in (0, 1)]
-                            for kind in ("load", "writeback") if f"{kind}0.weight" in self.buffers}
+            self.staging = {kind: [{name: self.buffers[f"{kind}{k}.{name}"] for name in self.names}
+                                   for k in range(count)]
+                            for kind, count in STAGING_BUFFERS.items() if f"{kind}0.weight" in self.buffers}
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
             self.copies, self.worker = CopyQueue(self.device, delay, copy_rate), Lane("table worker", delay)
             weakref.finalize(self, self.worker.close)
@@ -411,6 +415,7 @@ class SparseTables(nn.Module):
         if len(miss_ids) or len(evicted_ids):
             moved = self.worker.submit(functools.partial(self._move, self._compute_event(), evicted_ids,
                                                          evicted_slots, miss_ids, miss_slots))
+            self.worker.submit(self._scatter_arrived)
             self.bytes_h2d += len(miss_ids) * self.row_bytes * len(self.names)
             self.bytes_d2h += len(evicted_ids) * self.row_bytes * len(self.names)
         self.clock["plan"] += time.perf_counter() - start
@@ -422,8 +427,6 @@ class SparseTables(nn.Module):
         """Rows at out_slots go back to the host, host rows of in_ids come into in_slots.
         Returns the copy event after which the incoming rows are in the pool (or None)."""
         self.copies.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
-        while self.pending and self.pending[0]["event"].query():     # scatter what has arrived meanwhile
-            self._settle_oldest()
         for start in range(0, len(out_ids), self.staging_rows):
             chunk = slice(start, start + self.staging_rows)
             self._write_back(out_ids[chunk], out_slots[chunk])
@@ -434,6 +437,12 @@ class SparseTables(nn.Module):
                 chunk = slice(start, start + self.staging_rows)
                 ready = self._load(in_ids[chunk], in_slots[chunk])
         return ready
+
+    def _scatter_arrived(self):
+        """Scatter the write-backs whose rows have arrived: a job of its own, queued after
+        each _move, so that the training thread, waiting for a _move, never waits for it."""
+        while self.pending and self.pending[0]["event"].query():
+            self._settle_oldest()
 
     def wait_for_write_backs(self, ids):
         """Before host rows of `ids` are gathered: any of them still on its way back (its
@@ -453,7 +462,7 @@ class SparseTables(nn.Module):
     def _staging(self, kind):
         """The next staging buffer of a kind, once the copy that last used it is done."""
         k = self.turn[kind]
-        self.turn[kind] = 1 - k
+        self.turn[kind] = (k + 1) % len(self.staging[kind])
         if kind == "writeback":      # its rows must reach the host before it is refilled
             while any(rec["buffer"] == k for rec in self.pending):
                 self._settle_oldest()
@@ -582,6 +591,7 @@ class SparseTables(nn.Module):
             ids, slots = self.cache.release(plan["slots"])
             if len(ids) and self.training_tables:
                 self.worker.submit(functools.partial(self._move, self._compute_event(), ids, slots, ids[:0], ids[:0]))
+                self.worker.submit(self._scatter_arrived)
                 self.bytes_d2h += len(ids) * self.row_bytes * len(self.names)
 
     @torch.no_grad()

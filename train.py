@@ -70,7 +70,7 @@ class TrainConfig:
     table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
     table_transient_rows: int = knob(0, ge=0)    # offload: device slots for rows of batches in flight that the
                                     # cache does not hold; 0: the rows in flight measured on the data (plan.py)
-    table_staging_rows: int = knob(1024, ge=1)   # offload: rows per pinned staging buffer (loads and write-backs,
+    table_staging_rows: int = knob(256, ge=1)    # offload: rows per pinned staging buffer (loads and write-backs,
                                     # double-buffered: 4 buffers of weights and moments)
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N
