@@ -119,9 +119,11 @@ class Runner:
         self.tc = train.TrainConfig(device=device, batch_size=bc.batch_size,
                                     tables="offload" if tables == "offload" else "resident",
                                     table_optimizer=optimizer, table_cache_fraction=bc.table_cache_fraction,
-                                    # slots for every row of the two batches in flight (synthetic ids:
-                                    # nothing to measure the need on)
-                                    table_transient_rows=min(2 * bc.batch_size * config.block_size, config.vocab_size))
+                                    # slots for the rows of the two batches in flight: the expected unique
+                                    # ids of the Zipf draws, with the plan's margin
+                                    table_transient_rows=plan.with_margin(math.ceil(plan.zipf_unique(
+                                        config.vocab_size, 2 * bc.batch_size * config.block_size,
+                                        bc.zipf_exponent)), config.vocab_size))
         self.sparse = train.use_table_options(self.model, self.tc, config, device)
         self.optimizer = train.configure_optimizer(self.model, self.tc, device)
         if bc.compile:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from configurator import UsageError
 from lazy_adamw import LazyAdamW
 
 
@@ -88,9 +89,10 @@ class LFUCache:
         n_transient = len(miss_ids) - n_admit
         if n_transient > len(transient_free):
             self.locks[slots[hit]] -= 1
-            raise RuntimeError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
-                               f"batches in flight ({n_transient} not admitted, {len(transient_free)} transient "
-                               f"slots free); raise --table_transient_rows")
+            raise UsageError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
+                             f"batches in flight ({n_transient} not admitted, {len(transient_free)} of "
+                             f"{len(self.id_of_slot) - self.n_cached} transient slots free); raise "
+                             f"--table_transient_rows")
         miss_slots = np.concatenate([victims[:n_admit], transient_free[:n_transient]])
         evicted_ids = self.id_of_slot[victims[:n_admit]]
         evicted_slots = victims[:n_admit][evicted_ids >= 0]

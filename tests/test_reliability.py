@@ -221,6 +221,13 @@ def test_out_of_range_knobs_are_one_line_errors_that_keep_the_checkpoint(data, t
     assert file_digest(ckpt) == good
 
 
+def test_too_few_table_slots_is_a_one_line_error_naming_the_knob(data, tmp_path):
+    code, stderr = run_script("train.py", *args_of(data, str(tmp_path / "o"), max_iters=2, table_optimizer="lazy_adamw",
+                                                   tables="offload", table_cache_fraction=0.05,
+                                                   table_transient_rows=1))
+    assert_one_line_error(code, stderr, "raise --table_transient_rows")
+
+
 def test_config_file_with_a_syntax_error(tmp_path):
     config = tmp_path / "bad.py"
     config.write_text("batch_size = 4\nlearning_rate = = 3\n")
