@@ -406,7 +406,7 @@ def bench_pipeline(bc, device):
     # the CPU's cores, and copying on them here would take the cores the worker needs
     weight = torch.full((V, layers, d_ff), 0.01)     # written, not calloc-ed: its pages exist, as a real table's do
     tables = offload.SparseTables(weight, device, cache_rows, in_flight.rows,
-                                  optimizer=lazy_adamw.LazyAdamW(catch_up="full"),
+                                  optimizer=lazy_adamw.LazyAdamW(catch_up="full"), take_weight=True,
                                   copy_rate=None if device.startswith("cuda") else bc.copy_gbps * 1e9)
     data = np.memmap(path, dtype=meta["dtype"], mode="r")
     generator = torch.Generator().manual_seed(bc.seed)

@@ -39,7 +39,8 @@ class LazyAdamW:
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.catch_up_mode = catch_up
-        self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it
+        self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it,
+        self.steps_taken = 0              # and as a host int: reading the tensor would wait for the GPU
         if catch_up:
             rho = self.beta1 / math.sqrt(self.beta2)
             if not rho < 1:
@@ -53,11 +54,12 @@ class LazyAdamW:
 
     @property
     def step_count(self):
-        return int(self.step)
+        return self.steps_taken
 
     @step_count.setter
     def step_count(self, value):
         self.step.fill_(value)
+        self.steps_taken = value
 
     def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr, ids=None):
         """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...); ids: the
@@ -68,6 +70,7 @@ class LazyAdamW:
         adamw([w], [grad], [m], [v], [], [self.step], fused=True, amsgrad=False,
               beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
               eps=self.eps, maximize=False)              # increments self.step
+        self.steps_taken += 1
         for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
             pool.index_copy_(0, slots, rows)
         if self.catch_up_mode:
@@ -81,7 +84,8 @@ class LazyAdamW:
         decay = math.log1p(-lr * self.weight_decay) if lr * self.weight_decay < 1 else -math.inf
         bias = math.sqrt(1 - self.beta2 ** s) / (1 - self.beta1 ** s)
         self.log_decay_prefix = torch.cat([self.log_decay_prefix, self.log_decay_prefix[-1:] + decay])
-        self.move_scale = torch.cat([self.move_scale, self.move_scale.new_tensor([lr * bias])])
+        # (device ops on the last entry: a new tensor from a Python float would be a copy to the GPU)
+        self.move_scale = torch.cat([self.move_scale, self.move_scale[-1:] * 0 + lr * bias])
 
     def track(self, n_rows, device):
         """Start tracking n_rows rows (all at the current step)."""

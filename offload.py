@@ -26,8 +26,9 @@ Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
      copy has arrived. A row still on its way back is scattered before it is gathered.
   3. Copy queue: a side CUDA stream that starts after the compute queued before the plan;
      the batch's lookup makes the compute stream wait for its copies' event.
-Without CUDA the copy queue is a thread too, with the same order and events, so every
-wait is exercised on the CPU (and tests inject random delays to prove each is needed).
+Without CUDA the copy queue is a thread too, with the same order and events, so the waits
+between threads are exercised on the CPU (tests inject random delays to prove them needed);
+the copy stream's wait for earlier compute exists only on CUDA (CPU compute has run).
 """
 
 import atexit
@@ -160,7 +161,7 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, s
             buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "host")
         # double-buffered staging: rows coming in (gathered from the host tables) and, in
         # training, rows going out (copied from the device, then scattered into the host)
-        for kind, count in STAGING_BUFFERS.items() if training else [("load", 2)]:
+        for kind, count in STAGING_BUFFERS.items() if training else [("load", STAGING_BUFFERS["load"])]:
             for k in range(count):
                 for name in names:
                     buffers[f"{kind}{k}.{name}"] = ((staging_rows,) + row, dtype,
@@ -189,10 +190,11 @@ class Lane:
     """Functions run one after another on a daemon thread (torch releases the GIL in its
     kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
     seeded random time before each function: tests use it to shake out missing waits.
-    busy: the seconds spent running functions."""
+    busy: the seconds spent running functions. The first error of any function is kept and
+    raised by every later submit(): a failed copy or scatter never passes unnoticed."""
 
     def __init__(self, name, delay=None):
-        self.jobs, self.busy = queue.SimpleQueue(), 0.0
+        self.jobs, self.busy, self.error = queue.SimpleQueue(), 0.0, None
         rng = random.Random(delay[0]) if delay else None
         self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
                                        daemon=True)
@@ -210,13 +212,16 @@ class Lane:
             start = time.perf_counter()
             try:
                 done.value = fn()
-            except BaseException as e:          # raised where the job's result is read
+            except BaseException as e:          # raised where the job's result is read, and by later submits
                 done.error = e
+                self.error = self.error or e
             self.busy += time.perf_counter() - start
             done.set()
             del job, fn, done     # a finished job must not keep its owner alive while the lane waits
 
     def submit(self, fn):
+        if self.error is not None:
+            raise self.error
         done = Done()
         self.jobs.put((fn, done))
         return done
@@ -286,6 +291,18 @@ def pin(tensors):
     return unpin
 
 
+def _shut_down(copies, worker, unpin):
+    """When offloaded tables are freed: the copies still queued finish before their memory is
+    released (the pools, the pinned staging), then the threads stop."""
+    if copies.stream is not None:
+        copies.stream.synchronize()
+    if unpin is not None:
+        unpin()
+    worker.close()
+    if copies.lane is not None:
+        copies.lane.close()
+
+
 def _dynamic_rows(rows):
     """The number of unique ids changes every batch: say so to torch.compile, so that the
     graph after the lookup is compiled once for any count instead of recompiling."""
@@ -312,9 +329,11 @@ class SparseTables(nn.Module):
     numpy) and queues; the worker (a Lane) gathers missing rows from the host tables into
     pinned staging and scatters written-back rows into them; the copy queue moves staging
     to and from the device pool. The training thread waits only at a lookup, for the
-    worker to have queued its batch's rows; the worker waits for a write-back only when a
-    row it must gather is still on its way back. `delay` injects random delays into the
-    worker and (without CUDA) the copy queue, for tests."""
+    worker to have queued its batch's rows. The worker waits for a write-back when a row it
+    must gather is still on its way back, or when it needs that write-back's staging buffer
+    again; on CUDA such a wait lasts until the compute queued before the write-back's plan
+    has run. `delay` injects random delays into the worker and (without CUDA) the copy
+    queue, for tests."""
 
     def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
                  dtype=torch.float32, optimizer=None, staging_rows=0, delay=None, take_weight=False, copy_rate=None):
@@ -346,13 +365,10 @@ class SparseTables(nn.Module):
                                    for k in range(count)]
                             for kind, count in STAGING_BUFFERS.items() if f"{kind}0.weight" in self.buffers}
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
-            self.copies, self.worker = CopyQueue(self.device, delay, copy_rate), Lane("table worker", delay)
-            weakref.finalize(self, self.worker.close)
-            if self.copies.lane is not None:
-                weakref.finalize(self, self.copies.lane.close)
+            copy_delay = (delay[0] + 1, delay[1]) if delay else None     # its own sequence of delays
+            self.copies, self.worker = CopyQueue(self.device, copy_delay, copy_rate), Lane("table worker", delay)
             pinned = [self.buffers[name] for name, (_, _, place) in layout.items() if place == "pinned"]
-            if pinned:
-                weakref.finalize(self, pin(pinned))       # released when these tables are freed
+            weakref.finalize(self, _shut_down, self.copies, self.worker, pin(pinned) if pinned else None)
             for tensor in self.pool.values():
                 tensor.zero_()
         else:
@@ -369,15 +385,17 @@ class SparseTables(nn.Module):
         self.grad_anchor = torch.empty(0, device=device, requires_grad=True)
         self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size()       # one name's row
         self.bytes_h2d = self.bytes_d2h = 0
-        # seconds: the training thread planning and queueing, and waiting; the worker waiting for copies
+        # seconds: the training thread planning and queueing (and its bookkeeping at a step), and
+        # waiting; the worker waiting for copies
         self.clock = {"plan": 0.0, "wait": 0.0, "worker_wait": 0.0}
         self.prepared = collections.deque()         # plans of batches prepared, in order, not yet looked up
+        self.flushed = False                        # the host tables (resident: the pool) are complete and current
         self.in_flight = []                         # plans looked up, awaiting step() / release()
         # worker-thread state: write-backs whose rows are not yet in the host tables (in
         # order), the staging buffer each kind uses next, and the event of each buffer's last copy
         self.pending = collections.deque()
         self.turn = {"load": 0, "writeback": 0}
-        self.last_copy = {"load": [None, None]}
+        self.last_copy = {"load": [None] * STAGING_BUFFERS["load"]}
 
     def numel(self):
         return math.prod((self.host if self.offloaded else self.pool)["weight"].shape)
@@ -455,11 +473,12 @@ class SparseTables(nn.Module):
 
     def _settle_oldest(self):
         """Scatter the oldest pending write-back into the host tables."""
-        rec = self.pending.popleft()
+        rec = self.pending[0]
         self._wait_copy(rec["event"])                           # its rows have left the device
         ids = torch.from_numpy(rec["ids"])
         for name, buffer in self.staging["writeback"][rec["buffer"]].items():
             self.host[name].index_copy_(0, ids, buffer[:len(ids)])
+        self.pending.popleft()                                  # (kept if the scatter failed)
 
     def _staging(self, kind):
         """The next staging buffer of a kind, once the copy that last used it is done."""
@@ -548,6 +567,7 @@ class SparseTables(nn.Module):
         slots = _on(self.device, plan["slots"]) if self.offloaded else unique_ids
         self.clock["wait"] += time.perf_counter() - start
         if self.training_tables:
+            self.flushed = False
             # catch-up: rows skipped by lazy steps are brought up to date first
             self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots,
                                     unique_ids)
@@ -569,14 +589,13 @@ class SparseTables(nn.Module):
             self._drain()
             ids = unique_ids.cpu().numpy()
             slots = self.cache.slot_of_id[ids]
-            on_device = torch.from_numpy(slots >= 0).to(self.device)
-            device_rows = torch.from_numpy(np.maximum(slots, 0)).to(self.device)
+            missing = np.flatnonzero(slots < 0)                  # positions of the rows not on the device
+            positions, miss_ids = torch.from_numpy(missing).to(self.device), torch.from_numpy(ids[missing])
             rows = {}
             for name in names:
-                from_host = self.host[name].index_select(0, torch.from_numpy(ids)).to(self.device)
-                from_pool = self.pool[name].index_select(0, device_rows)
-                rows[name] = torch.where(on_device.view(-1, 1, 1), from_pool, from_host)
-            self.bytes_h2d += int((slots < 0).sum()) * self.row_bytes * len(names)
+                rows[name] = self.pool[name].index_select(0, torch.from_numpy(np.maximum(slots, 0)).to(self.device))
+                rows[name].index_copy_(0, positions, self.host[name].index_select(0, miss_ids).to(self.device))
+            self.bytes_h2d += len(missing) * self.row_bytes * len(names)
         if self.optimizer.catch_up_mode:
             return self.optimizer.current_weight(rows["weight"], rows["exp_avg"], rows["exp_avg_sq"], unique_ids)
         return rows["weight"]
@@ -589,12 +608,14 @@ class SparseTables(nn.Module):
     def _release(self, plans):
         if self.cache is None:
             return
+        start = time.perf_counter()
         for plan in plans:
             ids, slots = self.cache.release(plan["slots"])
             if len(ids) and self.training_tables:
                 self.worker.submit(functools.partial(self._move, self._compute_event(), ids, slots, ids[:0], ids[:0]))
                 self.worker.submit(self._scatter_arrived)
                 self.bytes_d2h += len(ids) * self.row_bytes * len(self.names)
+        self.clock["plan"] += time.perf_counter() - start
 
     @torch.no_grad()
     def step(self, lr, max_norm=0.0):
@@ -602,11 +623,14 @@ class SparseTables(nn.Module):
         clear their gradient, release their slots. Returns the gradient norm (a tensor)."""
         if not self.in_flight:
             return None
+        self.flushed = False
+        start = time.perf_counter()
         slots = np.unique(np.concatenate([plan["slots"] for plan in self.in_flight]))
         if self.offloaded:
             # in id order, as resident slots are: the norm's summation order (its last bits)
             # must not depend on the cache layout, or resident and offloaded runs drift apart
             slots = slots[np.argsort(self.cache.id_of_slot[slots])]
+        self.clock["plan"] += time.perf_counter() - start
         slots_dev = _on(self.device, slots)
         grad = self.grad_pool[slots_dev]                                        # (K, n_stem, d_ff)
         norm = grad.norm()
@@ -623,7 +647,11 @@ class SparseTables(nn.Module):
 
     def flush(self):
         """Write every row on the device back to the host so the host tables are complete;
-        with catch-up, bring every row up to the current step."""
+        with catch-up, bring every row up to the current step. Nothing to do when no
+        training lookup or step came since the last flush (a checkpoint asks several times)."""
+        if self.flushed:
+            return
+        self.flushed = True
         if not self.offloaded:
             if self.training_tables:
                 every = torch.arange(self.pool["weight"].shape[0], device=self.device)
@@ -651,7 +679,11 @@ class SparseTables(nn.Module):
 
     def load_tensors(self, state):
         """Load weights (and moments, where given) from a tensors() dict."""
+        if self.prepared or self.in_flight:
+            raise RuntimeError("load_tensors with batches prepared or in flight: their plans would point at "
+                               "slots the new cache treats as free")
         self._drain()
+        self.flushed = False
         target = self.host if self.offloaded else self.pool
         for name, value in state.items():
             if name in target:

@@ -115,7 +115,7 @@ def test_coefficients_match_a_step_by_step_float64_loop():
     opt.track(4, "cpu")
     lrs = [lr_at(s, 900) for s in range(900)]
     for lr in lrs:
-        opt.step += 1
+        opt.step_count += 1
         opt._record_step(lr)
     last = torch.tensor([0, 5, 100, 899])
     keep, move, gap = opt._coefficients(last, 900)

@@ -628,11 +628,13 @@ def test_gpu_offloaded_stress_matches_resident():
 
 @gpu
 @needs_cuda
-def test_gpu_steady_state_training_makes_no_host_sync():
+@pytest.mark.parametrize("catch_up", [None, "full"])
+def test_gpu_steady_state_training_makes_no_host_sync(catch_up):
     B, T, vocab, warm, n = 4, 32, 256, 5, 9
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=3, n_head=2, n_embd=64, dropout=0.0)).cuda()
-    tables = offload.use_sparse_tables(model, "cuda", cache_rows=16, transient_rows=2 * B * T)
+    tables = offload.use_sparse_tables(model, "cuda", cache_rows=16, transient_rows=2 * B * T,
+                                       optimizer=lazy_adamw.LazyAdamW(catch_up=catch_up))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=BETAS, weight_decay=WD, fused=True)
     g = torch.Generator().manual_seed(1)
     batches = []
