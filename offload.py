@@ -352,22 +352,22 @@ class SparseTables(nn.Module):
         # table is then read only where rows are gathered)
         adopt = (take_weight and self.offloaded and weight.device.type == "cpu" and weight.is_contiguous()
                  and weight.dtype == layout["host.weight"][1])
-        self.buffers = {name: weight.detach() if adopt and name == "host.weight" else
+        self.allocated = {name: weight.detach() if adopt and name == "host.weight" else
                         torch.empty(shape, dtype=dt, device=self.device if place == "device" else "cpu")
                         for name, (shape, dt, place) in layout.items()}
         self.names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
-        self.pool = {name: self.buffers[f"pool.{name}"] for name in self.names}
-        self.grad_pool = self.buffers.get("grad_pool")
+        self.pool = {name: self.allocated[f"pool.{name}"] for name in self.names}
+        self.grad_pool = self.allocated.get("grad_pool")
         if self.offloaded:
-            self.host = {name: self.buffers[f"host.{name}"] for name in self.names}
+            self.host = {name: self.allocated[f"host.{name}"] for name in self.names}
             self.staging_rows = layout["load0.weight"][0][0]
-            self.staging = {kind: [{name: self.buffers[f"{kind}{k}.{name}"] for name in self.names}
+            self.staging = {kind: [{name: self.allocated[f"{kind}{k}.{name}"] for name in self.names}
                                    for k in range(count)]
-                            for kind, count in STAGING_BUFFERS.items() if f"{kind}0.weight" in self.buffers}
+                            for kind, count in STAGING_BUFFERS.items() if f"{kind}0.weight" in self.allocated}
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
             copy_delay = (delay[0] + 1, delay[1]) if delay else None     # its own sequence of delays
             self.copies, self.worker = CopyQueue(self.device, copy_delay, copy_rate), Lane("table worker", delay)
-            pinned = [self.buffers[name] for name, (_, _, place) in layout.items() if place == "pinned"]
+            pinned = [self.allocated[name] for name, (_, _, place) in layout.items() if place == "pinned"]
             weakref.finalize(self, _shut_down, self.copies, self.worker, pin(pinned) if pinned else None)
             for tensor in self.pool.values():
                 tensor.zero_()

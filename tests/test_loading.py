@@ -86,7 +86,7 @@ def test_offloaded_loading_keeps_a_cache_not_the_table_on_the_device(checkpoint)
     model, _ = sample.load_checkpoint(path, need_tokenizer=False, tables="offload", cache_fraction=0.01)
     tables = model.tables
     assert tables.pool["weight"].shape[0] < CONFIG["vocab_size"] // 10          # cache + one prefill's slots
-    assert set(tables.pool) == {"weight"} and not any("exp_avg" in name for name in tables.buffers)
+    assert set(tables.pool) == {"weight"} and not any("exp_avg" in name for name in tables.allocated)
     assert tables.host["weight"].shape[0] == CONFIG["vocab_size"]
     reference, _ = sample.load_checkpoint(path, need_tokenizer=False)
     ids = torch.tensor([[5, 17, 50000, 5]])

@@ -47,9 +47,9 @@ def configs(data, **train_args):
 
 def allocated_bytes(tables, layout):
     """{place: bytes} of the tensors SparseTables allocated, placed by the plan's layout."""
-    assert set(tables.buffers) == set(layout)
+    assert set(tables.allocated) == set(layout)
     out = {}
-    for name, t in tables.buffers.items():
+    for name, t in tables.allocated.items():
         shape, dtype, place = layout[name]
         assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, name
         out[place] = out.get(place, 0) + t.numel() * t.element_size()
