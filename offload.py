@@ -34,6 +34,7 @@ the copy stream's wait for earlier compute exists only on CUDA (CPU compute has 
 import atexit
 import collections
 import functools
+import itertools
 import math
 import queue
 import random
@@ -194,7 +195,8 @@ class Lane:
     raised by every later submit(): a failed copy or scatter never passes unnoticed."""
 
     def __init__(self, name, delay=None):
-        self.jobs, self.busy, self.error = queue.SimpleQueue(), 0.0, None
+        self.jobs, self.busy, self.error = queue.PriorityQueue(), 0.0, None
+        self.submitted = itertools.count()         # ties in priority run in the order submitted
         rng = random.Random(delay[0]) if delay else None
         self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
                                        daemon=True)
@@ -205,8 +207,8 @@ class Lane:
         # OpenMP keeps its thread count per calling thread and a new thread does not get the
         # training thread's: without this the lane's gathers and scatters run ~1.5x slower
         torch.set_num_threads(torch.get_num_threads())
-        while (job := self.jobs.get()) is not None:
-            fn, done = job
+        while (job := self.jobs.get())[2] is not None:
+            _, _, fn, done = job
             if rng is not None:
                 time.sleep(rng.uniform(0, max_delay))
             start = time.perf_counter()
@@ -219,15 +221,16 @@ class Lane:
             done.set()
             del job, fn, done     # a finished job must not keep its owner alive while the lane waits
 
-    def submit(self, fn):
+    def submit(self, fn, later=False):
+        """Queue fn; later=True: only when no ordinary job is waiting (work nothing waits for)."""
         if self.error is not None:
             raise self.error
         done = Done()
-        self.jobs.put((fn, done))
+        self.jobs.put((int(later), next(self.submitted), fn, done))
         return done
 
     def close(self):
-        self.jobs.put(None)
+        self.jobs.put((2, next(self.submitted), None, None))
 
 
 _open_lanes = weakref.WeakSet()
@@ -435,7 +438,7 @@ class SparseTables(nn.Module):
         if len(miss_ids) or len(evicted_ids):
             moved = self.worker.submit(functools.partial(self._move, self._compute_event(), evicted_ids,
                                                          evicted_slots, miss_ids, miss_slots))
-            self.worker.submit(self._scatter_arrived)
+            self.worker.submit(self._scatter_arrived, later=True)
             self.bytes_h2d += len(miss_ids) * self.row_bytes * len(self.names)
             self.bytes_d2h += len(evicted_ids) * self.row_bytes * len(self.names)
         self.clock["plan"] += time.perf_counter() - start
@@ -460,7 +463,9 @@ class SparseTables(nn.Module):
 
     def _scatter_arrived(self):
         """Scatter the write-backs whose rows have arrived: a job of its own, queued after
-        each _move, so that the training thread, waiting for a _move, never waits for it."""
+        each _move and run only when no _move waits (nothing orders it: a gather of one of
+        its rows, or the reuse of its buffer, settles it first), so that the training
+        thread, waiting for a _move, never waits for it."""
         while self.pending and self.pending[0]["event"].query():
             self._settle_oldest()
 
@@ -613,7 +618,7 @@ class SparseTables(nn.Module):
             ids, slots = self.cache.release(plan["slots"])
             if len(ids) and self.training_tables:
                 self.worker.submit(functools.partial(self._move, self._compute_event(), ids, slots, ids[:0], ids[:0]))
-                self.worker.submit(self._scatter_arrived)
+                self.worker.submit(self._scatter_arrived, later=True)
                 self.bytes_d2h += len(ids) * self.row_bytes * len(self.names)
         self.clock["plan"] += time.perf_counter() - start
 
