@@ -40,7 +40,7 @@ class LazyAdamW:
         self.eps, self.weight_decay = eps, weight_decay
         self.catch_up_mode = catch_up
         self.step = torch.zeros(())       # the global step, a tensor as torch's kernel wants it,
-        self.steps_taken = 0              # and as a host int: reading the tensor would wait for the GPU
+        self._steps = 0                   # and as a host int: reading the tensor would wait for the GPU
         if catch_up:
             rho = self.beta1 / math.sqrt(self.beta2)
             if not rho < 1:
@@ -54,12 +54,12 @@ class LazyAdamW:
 
     @property
     def step_count(self):
-        return self.steps_taken
+        return self._steps
 
     @step_count.setter
     def step_count(self, value):
         self.step.fill_(value)
-        self.steps_taken = value
+        self._steps = value
 
     def update(self, weight, exp_avg, exp_avg_sq, slots, grad, lr, ids=None):
         """weight/exp_avg/exp_avg_sq: (N, ...) pools; slots (K,) unique; grad (K, ...); ids: the
@@ -70,7 +70,7 @@ class LazyAdamW:
         adamw([w], [grad], [m], [v], [], [self.step], fused=True, amsgrad=False,
               beta1=self.beta1, beta2=self.beta2, lr=lr, weight_decay=self.weight_decay,
               eps=self.eps, maximize=False)              # increments self.step
-        self.steps_taken += 1
+        self._steps += 1
         for pool, rows in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
             pool.index_copy_(0, slots, rows)
         if self.catch_up_mode:

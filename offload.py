@@ -31,14 +31,9 @@ between threads are exercised on the CPU (tests inject random delays to prove th
 the copy stream's wait for earlier compute exists only on CUDA (CPU compute has run).
 """
 
-import atexit
 import collections
 import functools
-import itertools
 import math
-import queue
-import random
-import threading
 import time
 import weakref
 
@@ -47,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from configurator import UsageError
+from lanes import CopyQueue, Done, Lane, pin
 from lazy_adamw import LazyAdamW
 
 
@@ -172,126 +168,6 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, s
     if training:
         buffers["grad_pool"] = ((n_slots,) + row, dtype, "device")
     return buffers
-
-
-class Done(threading.Event):
-    """A job's completion, with its result (or its exception, raised by result())."""
-    value = error = None
-
-    def result(self):
-        self.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-    synchronize, query = result, threading.Event.is_set     # the CUDA event's interface
-
-
-class Lane:
-    """Functions run one after another on a daemon thread (torch releases the GIL in its
-    kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
-    seeded random time before each function: tests use it to shake out missing waits.
-    busy: the seconds spent running functions. The first error of any function is kept and
-    raised by every later submit(): a failed copy or scatter never passes unnoticed."""
-
-    def __init__(self, name, delay=None):
-        self.jobs, self.busy, self.error = queue.PriorityQueue(), 0.0, None
-        self.submitted = itertools.count()         # ties in priority run in the order submitted
-        rng = random.Random(delay[0]) if delay else None
-        self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
-                                       daemon=True)
-        self.thread.start()
-        _open_lanes.add(self)
-
-    def _serve(self, rng, max_delay):
-        # OpenMP keeps its thread count per calling thread and a new thread does not get the
-        # training thread's: without this the lane's gathers and scatters run ~1.5x slower
-        torch.set_num_threads(torch.get_num_threads())
-        while (job := self.jobs.get())[2] is not None:
-            _, _, fn, done = job
-            if rng is not None:
-                time.sleep(rng.uniform(0, max_delay))
-            start = time.perf_counter()
-            try:
-                done.value = fn()
-            except BaseException as e:          # raised where the job's result is read, and by later submits
-                done.error = e
-                self.error = self.error or e
-            self.busy += time.perf_counter() - start
-            done.set()
-            del job, fn, done     # a finished job must not keep its owner alive while the lane waits
-
-    def submit(self, fn, later=False):
-        """Queue fn; later=True: only when no ordinary job is waiting (work nothing waits for)."""
-        if self.error is not None:
-            raise self.error
-        done = Done()
-        self.jobs.put((int(later), next(self.submitted), fn, done))
-        return done
-
-    def close(self):
-        self.jobs.put((2, next(self.submitted), None, None))
-
-
-_open_lanes = weakref.WeakSet()
-
-
-@atexit.register
-def _close_lanes():
-    """Let every lane finish before the interpreter tears torch down (a thread still inside
-    torch then aborts the process)."""
-    for lane in list(_open_lanes):
-        lane.close()
-        lane.thread.join(timeout=10)
-
-
-class CopyQueue:
-    """Host <-> device copies in the order they are queued: a side CUDA stream, or without
-    CUDA a Lane standing in for the copy engine (same order, same events). run(fn, nbytes)
-    queues the copies fn makes; mark() returns an event reached once they are done.
-    copy_rate (bytes/s, CPU only, for bench.py): the stand-in does not copy but takes
-    nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker."""
-
-    def __init__(self, device, delay=None, copy_rate=None):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.lane = Lane("table copies", delay) if self.stream is None else None
-        self.copy_rate = copy_rate
-
-    def run(self, fn, nbytes):
-        if self.lane is not None:
-            self.lane.submit(fn if self.copy_rate is None else functools.partial(time.sleep, nbytes / self.copy_rate))
-            return
-        with torch.cuda.stream(self.stream):
-            fn()
-
-    def wait_for(self, compute_event):
-        """Later copies start after the compute queued before compute_event (CPU: None,
-        the training thread's compute has already run)."""
-        if compute_event is not None:
-            self.stream.wait_event(compute_event)
-
-    def mark(self):
-        if self.lane is not None:
-            return self.lane.submit(lambda: None)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
-
-
-def pin(tensors):
-    """Page-lock exactly these host tensors (cudaHostRegister: pin_memory() would round a big
-    request up to a power of two). Returns a function that releases the registration."""
-    registered = []
-    for t in tensors:
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({err}) for {t.numel() * t.element_size() / 2**30:.2f} GiB")
-        registered.append(t)
-
-    def unpin():
-        for t in registered:
-            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-    return unpin
 
 
 def _shut_down(copies, worker, unpin):
@@ -434,15 +310,21 @@ class SparseTables(nn.Module):
         slots, miss_ids, miss_slots, evicted_ids, evicted_slots = self.cache.plan(ids, counts)
         if not self.training_tables:        # nothing changed them: evicted rows just go
             evicted_ids = evicted_slots = evicted_ids[:0]
-        moved = None
-        if len(miss_ids) or len(evicted_ids):
-            moved = self.worker.submit(functools.partial(self._move, self._compute_event(), evicted_ids,
-                                                         evicted_slots, miss_ids, miss_slots))
-            self.worker.submit(self._scatter_arrived, later=True)
-            self.bytes_h2d += len(miss_ids) * self.row_bytes * len(self.names)
-            self.bytes_d2h += len(evicted_ids) * self.row_bytes * len(self.names)
+        moved = self._queue_move(evicted_ids, evicted_slots, miss_ids, miss_slots)
         self.clock["plan"] += time.perf_counter() - start
         return {"slots": slots, "n": len(ids), "moved": moved}
+
+    def _queue_move(self, out_ids, out_slots, in_ids, in_slots):
+        """Queue the worker's _move of these rows (and a scatter for when it has time);
+        returns its Done, or None when nothing moves."""
+        if not (len(out_ids) or len(in_ids)):
+            return None
+        moved = self.worker.submit(functools.partial(self._move, self._compute_event(), out_ids, out_slots, in_ids,
+                                                     in_slots))
+        self.worker.submit(self._scatter_arrived, later=True)
+        self.bytes_h2d += len(in_ids) * self.row_bytes * len(self.names)
+        self.bytes_d2h += len(out_ids) * self.row_bytes * len(self.names)
+        return moved
 
     # -- the worker thread: host gathers and scatters, copies queued in order -------------
 
@@ -596,9 +478,10 @@ class SparseTables(nn.Module):
             slots = self.cache.slot_of_id[ids]
             missing = np.flatnonzero(slots < 0)                  # positions of the rows not on the device
             positions, miss_ids = torch.from_numpy(missing).to(self.device), torch.from_numpy(ids[missing])
+            device_slots = torch.from_numpy(np.maximum(slots, 0)).to(self.device)   # (the missing ones overwritten)
             rows = {}
             for name in names:
-                rows[name] = self.pool[name].index_select(0, torch.from_numpy(np.maximum(slots, 0)).to(self.device))
+                rows[name] = self.pool[name].index_select(0, device_slots)
                 rows[name].index_copy_(0, positions, self.host[name].index_select(0, miss_ids).to(self.device))
             self.bytes_h2d += len(missing) * self.row_bytes * len(names)
         if self.optimizer.catch_up_mode:
@@ -616,10 +499,8 @@ class SparseTables(nn.Module):
         start = time.perf_counter()
         for plan in plans:
             ids, slots = self.cache.release(plan["slots"])
-            if len(ids) and self.training_tables:
-                self.worker.submit(functools.partial(self._move, self._compute_event(), ids, slots, ids[:0], ids[:0]))
-                self.worker.submit(self._scatter_arrived, later=True)
-                self.bytes_d2h += len(ids) * self.row_bytes * len(self.names)
+            if self.training_tables:
+                self._queue_move(ids, slots, ids[:0], ids[:0])
         self.clock["plan"] += time.perf_counter() - start
 
     @torch.no_grad()
@@ -637,7 +518,7 @@ class SparseTables(nn.Module):
             slots = slots[np.argsort(self.cache.id_of_slot[slots])]
         self.clock["plan"] += time.perf_counter() - start
         slots_dev = _on(self.device, slots)
-        grad = self.grad_pool[slots_dev]                                        # (K, n_stem, d_ff)
+        grad = self.grad_pool.index_select(0, slots_dev)                        # (K, n_stem, d_ff)
         norm = grad.norm()
         if max_norm > 0:
             grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))

@@ -121,14 +121,13 @@ def read_meta(dataset):
     """The dataset's meta.json, or None when there is none (a dry run can plan without data)."""
     try:
         return configurator.load_meta(dataset)
-    except UsageError:
-        pass
-    try:
-        with open(os.path.join(configurator.data_dir_of(dataset), "meta.json")) as f:
-            meta = json.load(f)
+    except UsageError:          # bins missing or incomplete: the bare meta.json still names the vocabulary
+        try:
+            with open(os.path.join(configurator.data_dir_of(dataset), "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return None
         return meta if isinstance(meta, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def table_slots(tc, config):

@@ -52,7 +52,6 @@ def select_layers(spec, n_layer):
     return layers
 
 
-@torch.compiler.disable     # reads values on the host: never traced (model.forward skips it under compile)
 def check_ids(ids, vocab_size):
     """Raise a clear error for token ids outside [0, vocab_size)."""
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):

@@ -202,7 +202,7 @@ def use_table_options(model, tc, config, device):
         return False
     decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
     lazy = lazy_adamw.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
-                             catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
+                                catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
     # offloaded: slots for the rows of the batches in flight (one step's micro-batches and the
     # prefetched one) that the cache does not hold, measured on the data unless set
     cache_rows, transient_rows = plan.table_slots(tc, config)

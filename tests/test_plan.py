@@ -2,7 +2,6 @@
 rows-in-flight measurement equals what train.BatchLoader hands out, the activation formula
 matches the tensors autograd saves, and the dry run allocates nothing big."""
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,9 @@ import train  # noqa: E402
 from configurator import UsageError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
+sys.path.insert(0, TESTS_DIR)
+from test_train import write_dataset  # noqa: E402
+
 VOCAB = 96
 
 
@@ -28,12 +30,7 @@ def zipf_dataset(folder, vocab_size=VOCAB, n_tokens=30_000, seed=0):
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, vocab_size + 1) ** 1.1
     tokens = rng.choice(vocab_size, size=n_tokens, p=p / p.sum()).astype(np.uint16)
-    os.makedirs(folder, exist_ok=True)
-    tokens[: n_tokens * 9 // 10].tofile(os.path.join(folder, "train.bin"))
-    tokens[n_tokens * 9 // 10:].tofile(os.path.join(folder, "val.bin"))
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0}, f)
-    return str(folder)
+    return write_dataset(folder, tokens, vocab_size)
 
 
 def configs(data, **train_args):

@@ -28,9 +28,15 @@ def make_dataset(folder, vocab_size=VOCAB, n_tokens=20_000, seed=0, bad_id=None)
         tokens[i] = successor[tokens[i - 1]] if rng.random() < 0.9 else rng.integers(vocab_size)
     if bad_id is not None:
         tokens[::50] = bad_id
+    return write_dataset(folder, tokens, vocab_size)
+
+
+def write_dataset(folder, tokens, vocab_size):
+    """train.bin (the first 90% of uint16 tokens), val.bin (the rest) and meta.json."""
     os.makedirs(folder, exist_ok=True)
-    tokens[: n_tokens * 9 // 10].tofile(os.path.join(folder, "train.bin"))
-    tokens[n_tokens * 9 // 10:].tofile(os.path.join(folder, "val.bin"))
+    split = len(tokens) * 9 // 10
+    tokens[:split].tofile(os.path.join(folder, "train.bin"))
+    tokens[split:].tofile(os.path.join(folder, "val.bin"))
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({"vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0}, f)
     return str(folder)

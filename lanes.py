@@ -1,0 +1,137 @@
+"""
+The threads of the offload pipeline (offload.SparseTables): a Lane runs functions in order
+on a thread of its own, a CopyQueue orders host <-> device copies (a side CUDA stream, or a
+Lane standing in for the copy engine without CUDA, with the same events), and pin()
+page-locks exactly the host memory that copies read or write.
+"""
+
+import atexit
+import functools
+import itertools
+import queue
+import random
+import threading
+import time
+import weakref
+
+import torch
+
+
+class Done(threading.Event):
+    """A job's completion, with its result (or its exception, raised by result())."""
+    value = error = None
+
+    def result(self):
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    synchronize, query = result, threading.Event.is_set     # the CUDA event's interface
+
+
+class Lane:
+    """Functions run one after another on a daemon thread (torch releases the GIL in its
+    kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
+    seeded random time before each function: tests use it to shake out missing waits.
+    busy: the seconds spent running functions. The first error of any function is kept and
+    raised by every later submit(): a failed copy or scatter never passes unnoticed."""
+
+    def __init__(self, name, delay=None):
+        self.jobs, self.busy, self.error = queue.PriorityQueue(), 0.0, None
+        self.submitted = itertools.count()         # ties in priority run in the order submitted
+        rng = random.Random(delay[0]) if delay else None
+        self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
+                                       daemon=True)
+        self.thread.start()
+        _open_lanes.add(self)
+
+    def _serve(self, rng, max_delay):
+        # OpenMP keeps its thread count per calling thread and a new thread does not get the
+        # training thread's: without this the lane's gathers and scatters run ~1.5x slower
+        torch.set_num_threads(torch.get_num_threads())
+        while (job := self.jobs.get())[2] is not None:
+            _, _, fn, done = job
+            if rng is not None:
+                time.sleep(rng.uniform(0, max_delay))
+            start = time.perf_counter()
+            try:
+                done.value = fn()
+            except BaseException as e:          # raised where the job's result is read, and by later submits
+                done.error = e
+                self.error = self.error or e
+            self.busy += time.perf_counter() - start
+            done.set()
+            del job, fn, done     # a finished job must not keep its owner alive while the lane waits
+
+    def submit(self, fn, later=False):
+        """Queue fn; later=True: only when no ordinary job is waiting (work nothing waits for)."""
+        if self.error is not None:
+            raise self.error
+        done = Done()
+        self.jobs.put((int(later), next(self.submitted), fn, done))
+        return done
+
+    def close(self):
+        self.jobs.put((2, next(self.submitted), None, None))
+
+
+_open_lanes = weakref.WeakSet()
+
+
+@atexit.register
+def _close_lanes():
+    """Let every lane finish before the interpreter tears torch down (a thread still inside
+    torch then aborts the process)."""
+    for lane in list(_open_lanes):
+        lane.close()
+        lane.thread.join(timeout=10)
+
+
+class CopyQueue:
+    """Host <-> device copies in the order they are queued: a side CUDA stream, or without
+    CUDA a Lane standing in for the copy engine (same order, same events). run(fn, nbytes)
+    queues the copies fn makes; mark() returns an event reached once they are done.
+    copy_rate (bytes/s, CPU only, for bench.py): the stand-in does not copy but takes
+    nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker."""
+
+    def __init__(self, device, delay=None, copy_rate=None):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.lane = Lane("table copies", delay) if self.stream is None else None
+        self.copy_rate = copy_rate
+
+    def run(self, fn, nbytes):
+        if self.lane is not None:
+            self.lane.submit(fn if self.copy_rate is None else functools.partial(time.sleep, nbytes / self.copy_rate))
+            return
+        with torch.cuda.stream(self.stream):
+            fn()
+
+    def wait_for(self, compute_event):
+        """Later copies start after the compute queued before compute_event (CPU: None,
+        the training thread's compute has already run)."""
+        if compute_event is not None:
+            self.stream.wait_event(compute_event)
+
+    def mark(self):
+        if self.lane is not None:
+            return self.lane.submit(lambda: None)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+
+def pin(tensors):
+    """Page-lock exactly these host tensors (cudaHostRegister: pin_memory() would round a big
+    request up to a power of two). Returns a function that releases the registration."""
+    registered = []
+    for t in tensors:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({err}) for {t.numel() * t.element_size() / 2**30:.2f} GiB")
+        registered.append(t)
+
+    def unpin():
+        for t in registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    return unpin
