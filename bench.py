@@ -370,8 +370,8 @@ def bench_cache(bc):
 def bench_pipeline(bc, device):
     """The offloaded tables' host pipeline at the preset's row size, on real token batches
     (on the CPU, or with --device=cuda the real copies on a side stream): what the training thread spends per micro-batch on table bookkeeping
-    (planning, queueing, waiting for the worker or a copy) while the worker gathers and
-    scatters host rows. The GPU's compute of each micro-batch is stood in for by a sleep
+    (planning, queueing, waiting for the worker or a copy) while the worker queues the
+    copies of rows between the pinned host tables and the device pool. The GPU's compute of each micro-batch is stood in for by a sleep
     of its FLOPs at the GPU's peak x gpu_mfu (the training thread is blocked behind the
     GPU then); the arithmetic a GPU would run (lookup gather, catch-up, backward, lazy
     AdamW update) runs on this CPU before the next plan is queued and is reported apart. A machine that
@@ -415,12 +415,13 @@ def bench_pipeline(bc, device):
                for _ in range(total + 1)]
     device_ids = [b.unique_ids.to(device) for b in batches]
     tables.prepare(batches[0])
-    arithmetic, before = 0.0, None
+    arithmetic, before, logged = 0.0, None, []
     for i in range(total):
         if i == bc.warmup * G:           # the cache has filled: start counting
             arithmetic, before = 0.0, tables.stats()
         start, clock = time.perf_counter(), dict(tables.clock)
         rows = tables.lookup(device_ids[i])                   # (U, layers, d_ff)
+        logged.append(len(tables.copies.log))                 # micro-batch i's copies are all queued now
         (rows * 1e-3).sum().backward()
         if i % G == G - 1:
             tables.step(1e-4, 1.0)
@@ -433,23 +434,51 @@ def bench_pipeline(bc, device):
     per = {k: (after[k] - before[k]) / n for k in after if k in before and isinstance(after[k], (int, float))}
     ms = lambda seconds, scaled=True: 1e3 * seconds * (scale if scaled else 1)
     worker_ms, gpu_ms = ms(per["worker_seconds"]), ms(gpu_seconds, False)
-    # The worker has one GPU micro-batch to ready the next one's rows. This CPU's slower
-    # arithmetic can give it more (then no wait shows): count at least what it lacks.
-    wait_ms = max(ms(per["wait_seconds"]), worker_ms - gpu_ms)
+    copy_ms = ms(per["copy_seconds"]) if per.get("copy_seconds") is not None else 0.0
+    # The worker and the copy engine have one GPU micro-batch to ready the next one's rows,
+    # but this CPU's slower arithmetic gives them more (then no wait shows here). So the
+    # copies queued are also replayed on a GPU's timeline, and the larger wait counts.
+    stalls = [0.0]
+    if device == "cpu":
+        log, moves = tables.copies.log, []
+        for first, last in zip([0] + logged[:-1], logged):         # from the first micro-batch, so that the
+            entries = log[first:last]                                  # timed ones start from a steady state
+            mark = entries.index(None) if None in entries else 0
+            moves.append((sum(entries[:mark]) * scale, sum(e for e in entries[mark:] if e is not None) * scale))
+        stalls = copy_engine_stalls(moves, gpu_seconds, 1 / (bc.copy_gbps * 1e9))[bc.warmup * G:]
+    wait_ms = max(ms(per["wait_seconds"]), worker_ms - gpu_ms, 1e3 * sum(stalls) / len(stalls))
     main_ms = ms(per["plan_seconds"], False) + wait_ms
     print(f"per micro-batch: {per['unique']:.0f} unique ids, {per['unique_misses']:.0f} misses, H2D "
           f"{scale * per['bytes_h2d'] / 2**30:.3f} GiB, D2H {scale * per['bytes_d2h'] / 2**30:.3f} GiB (write-backs)")
     print(f"training thread: plan + queue {ms(per['plan_seconds'], False):.2f} ms, waits {wait_ms:.2f} ms (measured "
           f"{ms(per['wait_seconds']):.2f}, the worker's excess over the GPU's {gpu_ms:.1f} ms "
-          f"{max(0.0, worker_ms - gpu_ms):.2f}); arithmetic a GPU runs, here on the CPU: {ms(arithmetic / n):.1f} ms")
+          f"{max(0.0, worker_ms - gpu_ms):.2f}, the copies replayed on the GPU's timeline "
+          f"{1e3 * sum(stalls) / len(stalls):.2f}, at most {1e3 * max(stalls):.2f}); arithmetic a GPU runs, here on "
+          f"the CPU: {ms(arithmetic / n):.1f} ms")
     copies = ("" if per.get("copy_seconds") is None else
-              f"; copy engine (a wait of bytes / {bc.copy_gbps:g} GB/s) {ms(per['copy_seconds']):.1f} ms")
-    print(f"worker: gathers and scatters {worker_ms:.1f} ms, waiting for copies {ms(per['worker_wait_seconds']):.1f} ms"
-          + copies)
+              f"; copy engine (a wait of bytes / {bc.copy_gbps:g} GB/s) {copy_ms:.1f} ms")
+    n_copies = (per["bytes_h2d"] + per["bytes_d2h"]) / tables.row_bytes       # one per row and tensor
+    print(f"worker: queueing {n_copies:.0f} row copies {worker_ms:.1f} ms" + copies)
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
           f"H2D {scale * per['bytes_h2d'] / 2**30:.3f} GiB")
     return {"main_ms": main_ms, "worker_ms": worker_ms, "layers": layers, "gpu_ms": gpu_ms,
             "h2d_gib": scale * per["bytes_h2d"] / 2**30, "d2h_gib": scale * per["bytes_d2h"] / 2**30}
+
+
+def copy_engine_stalls(moves, gpu_seconds, seconds_per_byte):
+    """Seconds each micro-batch's compute waits for its rows on a GPU, replaying the copies
+    queued for it: moves[k] = (bytes queued before its rows are in, bytes queued after).
+    Micro-batch k's plan is queued before k-1's forward, so its copies start once the copy
+    engine is free and k-2 has computed; k computes once k-1 has and its rows are in."""
+    engine_free = end_before_last = end_last = 0.0
+    stalls = []
+    for before, after in moves:
+        ready = max(engine_free, end_before_last) + before * seconds_per_byte
+        engine_free = ready + after * seconds_per_byte
+        begin = max(end_last, ready)
+        stalls.append(begin - end_last)
+        end_before_last, end_last = end_last, begin + gpu_seconds
+    return stalls
 
 
 def available_memory():

@@ -7,7 +7,6 @@ page-locks exactly the host memory that copies read or write.
 
 import atexit
 import functools
-import itertools
 import queue
 import random
 import threading
@@ -35,11 +34,10 @@ class Lane:
     kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
     seeded random time before each function: tests use it to shake out missing waits.
     busy: the seconds spent running functions. The first error of any function is kept and
-    raised by every later submit(): a failed copy or scatter never passes unnoticed."""
+    raised by every later submit(): a failed copy never passes unnoticed."""
 
     def __init__(self, name, delay=None):
-        self.jobs, self.busy, self.error = queue.PriorityQueue(), 0.0, None
-        self.submitted = itertools.count()         # ties in priority run in the order submitted
+        self.jobs, self.busy, self.error = queue.SimpleQueue(), 0.0, None
         rng = random.Random(delay[0]) if delay else None
         self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
                                        daemon=True)
@@ -50,8 +48,8 @@ class Lane:
         # OpenMP keeps its thread count per calling thread and a new thread does not get the
         # training thread's: without this the lane's gathers and scatters run ~1.5x slower
         torch.set_num_threads(torch.get_num_threads())
-        while (job := self.jobs.get())[2] is not None:
-            _, _, fn, done = job
+        while (job := self.jobs.get())[0] is not None:
+            fn, done = job
             if rng is not None:
                 time.sleep(rng.uniform(0, max_delay))
             start = time.perf_counter()
@@ -64,16 +62,16 @@ class Lane:
             done.set()
             del job, fn, done     # a finished job must not keep its owner alive while the lane waits
 
-    def submit(self, fn, later=False):
-        """Queue fn; later=True: only when no ordinary job is waiting (work nothing waits for)."""
+    def submit(self, fn):
+        """Queue fn; returns its Done."""
         if self.error is not None:
             raise self.error
         done = Done()
-        self.jobs.put((int(later), next(self.submitted), fn, done))
+        self.jobs.put((fn, done))
         return done
 
     def close(self):
-        self.jobs.put((2, next(self.submitted), None, None))
+        self.jobs.put((None, None))
 
 
 _open_lanes = weakref.WeakSet()
@@ -93,16 +91,20 @@ class CopyQueue:
     CUDA a Lane standing in for the copy engine (same order, same events). run(fn, nbytes)
     queues the copies fn makes; mark() returns an event reached once they are done.
     copy_rate (bytes/s, CPU only, for bench.py): the stand-in does not copy but takes
-    nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker."""
+    nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker;
+    `log` then lists what was queued, in order: nbytes of each run, None for each mark."""
 
     def __init__(self, device, delay=None, copy_rate=None):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.lane = Lane("table copies", delay) if self.stream is None else None
-        self.copy_rate = copy_rate
+        self.copy_rate, self.log = copy_rate, []
 
     def run(self, fn, nbytes):
         if self.lane is not None:
-            self.lane.submit(fn if self.copy_rate is None else functools.partial(time.sleep, nbytes / self.copy_rate))
+            if self.copy_rate is not None:
+                self.log.append(nbytes)
+                fn = functools.partial(time.sleep, nbytes / self.copy_rate)
+            self.lane.submit(fn)
             return
         with torch.cuda.stream(self.stream):
             fn()
@@ -115,6 +117,8 @@ class CopyQueue:
 
     def mark(self):
         if self.lane is not None:
+            if self.copy_rate is not None:
+                self.log.append(None)
             return self.lane.submit(lambda: None)
         event = torch.cuda.Event()
         event.record(self.stream)

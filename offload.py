@@ -19,14 +19,16 @@ Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
   1. Training thread: the LFU plan (numpy, sub-millisecond): hits keep their slots, each
      miss takes the least-frequent slot no batch in flight holds; the evicted row must go
      back to the host first (training). The plan is queued for the worker; nothing waits.
-  2. Worker thread: queue the evicted rows' device->host copy into pinned staging, gather
-     the missing rows from the host table into pinned staging (one index_select per
-     tensor; double-buffered, each reuse gated by its last copy), queue their host->device
-     copy into the slots, and scatter written-back rows into the host table once their
-     copy has arrived. A row still on its way back is scattered before it is gathered.
+  2. Worker thread: queues, on the copy queue, one copy per row and tensor: the evicted
+     rows from their slots straight into their host rows, then the missing rows from their
+     host rows straight into their slots. The host tables are page-locked, so on CUDA
+     these are DMA transfers that take none of the CPU's cores or memory passes (a row of
+     one tensor is 23 x 2816 x 4 B = 253 KiB at 350M, large enough for full PCIe speed).
   3. Copy queue: a side CUDA stream that starts after the compute queued before the plan;
-     the batch's lookup makes the compute stream wait for its copies' event.
-Without CUDA the copy queue is a thread too, with the same order and events, so the waits
+     copies run in the order queued, so a row written back is on the host before any later
+     copy reads it, and an evicted row leaves its slot before a new row fills it. The
+     batch's lookup makes the compute stream wait for its copies' event.
+Without CUDA the copy queue is a thread, with the same order and events, so the waits
 between threads are exercised on the CPU (tests inject random delays to prove them needed);
 the copy stream's wait for earlier compute exists only on CUDA (CPU compute has run).
 """
@@ -42,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from configurator import UsageError
-from lanes import CopyQueue, Done, Lane, pin
+from lanes import CopyQueue, Lane, pin
 from lazy_adamw import LazyAdamW
 
 
@@ -54,8 +56,9 @@ class LFUCache:
     anywhere is a hit (also a transient one still in flight: reading it from the host
     would miss the update its batch is about to make). A miss is admitted when its
     frequency beats the least-frequent cached slot that no batch in flight holds (an
-    empty slot always loses); otherwise it borrows a transient slot, freed (and, in
-    training, written back) when its last batch releases it. Frequencies count tokens."""
+    empty slot always loses); otherwise it borrows the transient slot freed longest ago
+    (its row's way back is then long done), freed (and, in training, written back) when
+    its last batch releases it. Frequencies count tokens."""
 
     def __init__(self, vocab_size, n_cached, n_transient):
         self.n_cached = n_cached
@@ -63,6 +66,8 @@ class LFUCache:
         self.id_of_slot = np.full(n_cached + n_transient, -1, dtype=np.int64)
         self.freq = np.zeros(vocab_size, dtype=np.int64)
         self.locks = np.zeros(n_cached + n_transient, dtype=np.int64)   # batches in flight per slot
+        self.freed_at = np.zeros(n_transient, dtype=np.int64)           # release() count when each was freed
+        self.releases = 0
         self.stats = dict(tokens=0, token_hits=0, unique=0, unique_misses=0, evictions=0)
 
     def plan(self, unique_ids, counts):
@@ -83,7 +88,8 @@ class LFUCache:
         order = np.argsort(victim_freq, kind="stable")[:len(miss_ids)]
         victims, victim_freq = free[order], victim_freq[order]
         n_admit = int(np.argmin(np.append(self.freq[miss_ids[:len(victims)]] > victim_freq, False)))
-        transient_free = self.n_cached + np.flatnonzero(self.id_of_slot[self.n_cached:] < 0)
+        transient_free = np.flatnonzero(self.id_of_slot[self.n_cached:] < 0)
+        transient_free = self.n_cached + transient_free[np.argsort(self.freed_at[transient_free], kind="stable")]
         n_transient = len(miss_ids) - n_admit
         if n_transient > len(transient_free):
             self.locks[slots[hit]] -= 1
@@ -113,6 +119,8 @@ class LFUCache:
         ids = self.id_of_slot[done]
         self.slot_of_id[ids] = -1
         self.id_of_slot[done] = -1
+        self.releases += 1
+        self.freed_at[done - self.n_cached] = self.releases
         return ids, done
 
 
@@ -135,15 +143,12 @@ class RowGather(torch.autograd.Function):
         return None, None, None, None
 
 
-STAGING_BUFFERS = {"load": 2, "writeback": 2}      # staging buffers of each kind, of staging_rows rows
-
-
-def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, staging_rows=0,
-                  training=True, dtype=torch.float32, device_is_cuda=False):
+def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, training=True,
+                  dtype=torch.float32, device_is_cuda=False):
     """Every tensor SparseTables allocates: name -> (shape, dtype, place), place "device",
-    "host" or "pinned" (host memory page-locked on CUDA, because device copies read or
+    "host" or "pinned" (host memory page-locked on CUDA, because device copies read and
     write it). The memory plan (plan.py) reads the same list, so planned bytes are
-    allocated bytes. staging_rows=0 means min(256, device slots)."""
+    allocated bytes."""
     dtype = torch.float32 if training else dtype        # training keeps fp32 master rows
     names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
     row = (n_stem, d_ff)
@@ -151,18 +156,9 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, s
     if cache_rows is None:                               # resident: the pool is the table
         n_slots = vocab_size
     else:
-        cache_rows = min(cache_rows, vocab_size)
-        n_slots = cache_rows + transient_rows
-        staging_rows = min(staging_rows or 256, n_slots)
-        for name in names:
-            buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "host")
-        # double-buffered staging: rows coming in (gathered from the host tables) and, in
-        # training, rows going out (copied from the device, then scattered into the host)
-        for kind, count in STAGING_BUFFERS.items() if training else [("load", STAGING_BUFFERS["load"])]:
-            for k in range(count):
-                for name in names:
-                    buffers[f"{kind}{k}.{name}"] = ((staging_rows,) + row, dtype,
-                                                    "pinned" if device_is_cuda else "host")
+        n_slots = min(cache_rows, vocab_size) + transient_rows
+        for name in names:          # rows are copied to and from the device in place: pinned on CUDA
+            buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "pinned" if device_is_cuda else "host")
     for name in names:
         buffers[f"pool.{name}"] = ((n_slots,) + row, dtype, "device")
     if training:
@@ -172,7 +168,7 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, s
 
 def _shut_down(copies, worker, unpin):
     """When offloaded tables are freed: the copies still queued finish before their memory is
-    released (the pools, the pinned staging), then the threads stop."""
+    released (the pools; the host tables are unpinned), then the threads stop."""
     if copies.stream is not None:
         copies.stream.synchronize()
     if unpin is not None:
@@ -205,30 +201,26 @@ class SparseTables(nn.Module):
     optimiser step and the batch prefetched beside it; plan.py measures that).
 
     Three threads share the offloaded work. The training thread plans (LFU bookkeeping,
-    numpy) and queues; the worker (a Lane) gathers missing rows from the host tables into
-    pinned staging and scatters written-back rows into them; the copy queue moves staging
-    to and from the device pool. The training thread waits only at a lookup, for the
-    worker to have queued its batch's rows. The worker waits for a write-back when a row it
-    must gather is still on its way back, or when it needs that write-back's staging buffer
-    again; on CUDA such a wait lasts until the compute queued before the write-back's plan
-    has run. `delay` injects random delays into the worker and (without CUDA) the copy
-    queue, for tests."""
+    numpy) and queues; the worker (a Lane) queues the copies of rows between the host
+    tables (pinned) and the device pool; the copy queue runs them in order. Nothing waits
+    but a lookup, whose compute waits for its batch's copies (on the CPU the training
+    thread waits). `delay` injects random delays into the worker and (without CUDA) the
+    copy queue, for tests."""
 
     def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
-                 dtype=torch.float32, optimizer=None, staging_rows=0, delay=None, take_weight=False, copy_rate=None):
+                 dtype=torch.float32, optimizer=None, delay=None, take_weight=False, copy_rate=None):
         super().__init__()
         vocab_size, n_stem, d_ff = weight.shape
         self.device, self.training_tables = torch.device(device), training
         self.optimizer = optimizer or LazyAdamW()
         self.offloaded = cache_rows is not None
         cuda = self.device.type == "cuda"
-        layout = table_buffers(vocab_size, n_stem, d_ff, cache_rows, transient_rows, staging_rows, training,
-                               dtype, cuda)
+        layout = table_buffers(vocab_size, n_stem, d_ff, cache_rows, transient_rows, training, dtype, cuda)
         # every tensor allocated once, here, exactly as planned (the pool is never a copy
         # of a device tensor: a resident table is copied in from wherever `weight` lives).
         # take_weight: the caller gives `weight` up, and a CPU table of the host dtype
         # becomes the host table itself instead of being copied (a checkpoint's mapped
-        # table is then read only where rows are gathered)
+        # table is then read only where rows are copied; on CUDA, pinning it reads it whole)
         adopt = (take_weight and self.offloaded and weight.device.type == "cpu" and weight.is_contiguous()
                  and weight.dtype == layout["host.weight"][1])
         self.allocated = {name: weight.detach() if adopt and name == "host.weight" else
@@ -239,10 +231,10 @@ class SparseTables(nn.Module):
         self.grad_pool = self.allocated.get("grad_pool")
         if self.offloaded:
             self.host = {name: self.allocated[f"host.{name}"] for name in self.names}
-            self.staging_rows = layout["load0.weight"][0][0]
-            self.staging = {kind: [{name: self.allocated[f"{kind}{k}.{name}"] for name in self.names}
-                                   for k in range(count)]
-                            for kind, count in STAGING_BUFFERS.items() if f"{kind}0.weight" in self.allocated}
+            # one view per row of each tensor, made once (~0.6 KB each): a move then copies
+            # rows without making views, which would cost ~2.5 us of the worker's time per row
+            self.rows = {place: {name: tensors[name].unbind(0) for name in self.names}
+                         for place, tensors in (("host", self.host), ("pool", self.pool))}
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
             copy_delay = (delay[0] + 1, delay[1]) if delay else None     # its own sequence of delays
             self.copies, self.worker = CopyQueue(self.device, copy_delay, copy_rate), Lane("table worker", delay)
@@ -265,16 +257,12 @@ class SparseTables(nn.Module):
         self.row_bytes = n_stem * d_ff * self.pool["weight"].element_size()       # one name's row
         self.bytes_h2d = self.bytes_d2h = 0
         # seconds: the training thread planning and queueing (and its bookkeeping at a step), and
-        # waiting; the worker waiting for copies
-        self.clock = {"plan": 0.0, "wait": 0.0, "worker_wait": 0.0}
+        # waiting for a batch's rows
+        self.clock = {"plan": 0.0, "wait": 0.0}
         self.prepared = collections.deque()         # plans of batches prepared, in order, not yet looked up
         self.flushed = False                        # the host tables (resident: the pool) are complete and current
         self.in_flight = []                         # plans looked up, awaiting step() / release()
-        # worker-thread state: write-backs whose rows are not yet in the host tables (in
-        # order), the staging buffer each kind uses next, and the event of each buffer's last copy
-        self.pending = collections.deque()
-        self.turn = {"load": 0, "writeback": 0}
-        self.last_copy = {"load": [None] * STAGING_BUFFERS["load"]}
+        self.leaving = []                           # (ids, slots) released, their write-back not yet queued
 
     def numel(self):
         return math.prod((self.host if self.offloaded else self.pool)["weight"].shape)
@@ -315,117 +303,57 @@ class SparseTables(nn.Module):
         return {"slots": slots, "n": len(ids), "moved": moved}
 
     def _queue_move(self, out_ids, out_slots, in_ids, in_slots):
-        """Queue the worker's _move of these rows (and a scatter for when it has time);
-        returns its Done, or None when nothing moves."""
-        if not (len(out_ids) or len(in_ids)):
+        """Queue the worker's _move of these rows, with the write-back of the rows released
+        since the last move: those whose id or slot the incoming rows need go before them,
+        the rest after them (a step releases many rows at once, and their way back should
+        not delay the next batch's). Returns the move's Done, or None when nothing moves."""
+        leaving_ids, leaving_slots = (np.concatenate([pair[k] for pair in self.leaving] + [out_ids[:0]])
+                                      for k in (0, 1))
+        self.leaving = []
+        first = np.isin(leaving_ids, in_ids) | np.isin(leaving_slots, in_slots)
+        out_ids, out_slots = np.concatenate([out_ids, leaving_ids[first]]), np.concatenate([out_slots,
+                                                                                          leaving_slots[first]])
+        later_ids, later_slots = leaving_ids[~first], leaving_slots[~first]
+        if not (len(out_ids) or len(in_ids) or len(later_ids)):
             return None
         moved = self.worker.submit(functools.partial(self._move, self._compute_event(), out_ids, out_slots, in_ids,
-                                                     in_slots))
-        self.worker.submit(self._scatter_arrived, later=True)
+                                                     in_slots, later_ids, later_slots))
         self.bytes_h2d += len(in_ids) * self.row_bytes * len(self.names)
-        self.bytes_d2h += len(out_ids) * self.row_bytes * len(self.names)
+        self.bytes_d2h += (len(out_ids) + len(later_ids)) * self.row_bytes * len(self.names)
         return moved
 
-    # -- the worker thread: host gathers and scatters, copies queued in order -------------
+    # -- the worker thread: copies queued in order -------------------------------------
 
-    def _move(self, compute_event, out_ids, out_slots, in_ids, in_slots):
-        """Rows at out_slots go back to the host, host rows of in_ids come into in_slots.
-        Returns the copy event after which the incoming rows are in the pool (or None)."""
+    def _move(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
+        """Rows at out_slots go back to their host rows out_ids, host rows in_ids come into
+        in_slots, then rows at later_slots go back to later_ids: one copy per row and
+        tensor, queued in that order (an evicted row leaves its slot before a missing row
+        fills it). Returns the event after which the incoming rows are in the pool (None
+        if none come)."""
         self.copies.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
-        for start in range(0, len(out_ids), self.staging_rows):
-            chunk = slice(start, start + self.staging_rows)
-            self._write_back(out_ids[chunk], out_slots[chunk])
-        ready = None
-        if len(in_ids):
-            self.wait_for_write_backs(in_ids)
-            for start in range(0, len(in_ids), self.staging_rows):
-                chunk = slice(start, start + self.staging_rows)
-                ready = self._load(in_ids[chunk], in_slots[chunk])
+        host, pool = self.rows["host"], self.rows["pool"]
+
+        def copies(destination, source, ids, slots):
+            pairs = [(destination[name][i], source[name][s]) if destination is host else
+                     (destination[name][s], source[name][i]) for name in self.names
+                     for i, s in zip(ids.tolist(), slots.tolist())]
+            if pairs:
+                destinations, sources = zip(*pairs)
+                self.copies.run(functools.partial(torch._foreach_copy_, destinations, sources, non_blocking=True),
+                                len(pairs) * self.row_bytes)
+        copies(host, pool, out_ids, out_slots)
+        copies(pool, host, in_ids, in_slots)
+        ready = self.copies.mark() if len(in_ids) else None
+        copies(host, pool, later_ids, later_slots)
         return ready
-
-    def _scatter_arrived(self):
-        """Scatter the write-backs whose rows have arrived: a job of its own, queued after
-        each _move and run only when no _move waits (nothing orders it: a gather of one of
-        its rows, or the reuse of its buffer, settles it first), so that the training
-        thread, waiting for a _move, never waits for it."""
-        while self.pending and self.pending[0]["event"].query():
-            self._settle_oldest()
-
-    def wait_for_write_backs(self, ids):
-        """Before host rows of `ids` are gathered: any of them still on its way back (its
-        write-back queued, not yet scattered) lands first. Write-backs land in order."""
-        holding = [k for k, rec in enumerate(self.pending) if np.isin(rec["ids"], ids).any()]
-        for _ in range(holding[-1] + 1 if holding else 0):
-            self._settle_oldest()
-
-    def _settle_oldest(self):
-        """Scatter the oldest pending write-back into the host tables."""
-        rec = self.pending[0]
-        self._wait_copy(rec["event"])                           # its rows have left the device
-        ids = torch.from_numpy(rec["ids"])
-        for name, buffer in self.staging["writeback"][rec["buffer"]].items():
-            self.host[name].index_copy_(0, ids, buffer[:len(ids)])
-        self.pending.popleft()                                  # (kept if the scatter failed)
-
-    def _staging(self, kind):
-        """The next staging buffer of a kind, once the copy that last used it is done."""
-        k = self.turn[kind]
-        self.turn[kind] = (k + 1) % len(self.staging[kind])
-        if kind == "writeback":      # its rows must reach the host before it is refilled
-            while any(rec["buffer"] == k for rec in self.pending):
-                self._settle_oldest()
-        elif self.last_copy[kind][k] is not None:
-            self._wait_copy(self.last_copy[kind][k])
-        return k, self.staging[kind][k]
-
-    def _wait_copy(self, event):
-        """The worker waits for a copy. A CUDA event is polled, not synchronized on: no
-        thread of a training run makes a host-device sync in the steady state."""
-        start = time.perf_counter()
-        if isinstance(event, Done):
-            event.synchronize()
-        else:
-            while not event.query():
-                time.sleep(1e-4)
-        self.clock["worker_wait"] += time.perf_counter() - start
-
-    def _write_back(self, ids, slots):
-        k, buffers = self._staging("writeback")
-        n = len(ids)
-
-        def copy_out():
-            index = _on(self.device, slots)
-            for name, buffer in buffers.items():
-                if self.device.type == "cuda":
-                    buffer[:n].copy_(self.pool[name].index_select(0, index), non_blocking=True)
-                else:
-                    torch.index_select(self.pool[name], 0, index, out=buffer[:n])
-        self.copies.run(copy_out, n * self.row_bytes * len(buffers))
-        self.pending.append({"ids": ids, "buffer": k, "event": self.copies.mark()})
-
-    def _load(self, ids, slots):
-        k, buffers = self._staging("load")
-        n, index = len(ids), torch.from_numpy(ids)
-        for name, buffer in buffers.items():
-            torch.index_select(self.host[name], 0, index, out=buffer[:n])     # one vectorised gather
-
-        def copy_in():
-            slots_on_device = _on(self.device, slots)
-            for name, buffer in buffers.items():
-                self.pool[name].index_copy_(0, slots_on_device, buffer[:n].to(self.device, non_blocking=True))
-        self.copies.run(copy_in, n * self.row_bytes * len(buffers))
-        self.last_copy["load"][k] = event = self.copies.mark()
-        return event
 
     def _drain(self):
         """Wait until every queued copy and write-back is done: host and pool agree."""
         if not self.offloaded:
             return
-        def settle_all():
-            while self.pending:
-                self._settle_oldest()
-            self.copies.mark().synchronize()
-        self.worker.submit(settle_all).result()
+        if self.leaving:
+            self._queue_move(*[np.zeros(0, dtype=np.int64)] * 4)
+        self.worker.submit(lambda: self.copies.mark().synchronize()).result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -499,8 +427,8 @@ class SparseTables(nn.Module):
         start = time.perf_counter()
         for plan in plans:
             ids, slots = self.cache.release(plan["slots"])
-            if self.training_tables:
-                self._queue_move(ids, slots, ids[:0], ids[:0])
+            if self.training_tables and len(ids):
+                self.leaving.append((ids, slots))        # written back with the next move
         self.clock["plan"] += time.perf_counter() - start
 
     @torch.no_grad()
@@ -614,14 +542,13 @@ class SparseTables(nn.Module):
 
     def stats(self):
         """Tokens requested, unique ids, unique misses, hit rates, bytes moved, and seconds:
-        the training thread's planning (and queueing) and waiting, the worker's work (its
-        gathers and scatters) and its waits for copies, the copy queue's work (CPU)."""
+        the training thread's planning (and queueing) and waiting, the worker's (queueing
+        copies), the copy queue's (CPU: the copies themselves)."""
         s = dict(self.cache.stats) if self.cache is not None else {}
         if s:
             s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])
             s["unique_hit_rate"] = 1 - s["unique_misses"] / max(1, s["unique"])
-            s.update(worker_seconds=self.worker.busy - self.clock["worker_wait"],
-                     worker_wait_seconds=self.clock["worker_wait"],
+            s.update(worker_seconds=self.worker.busy,
                      copy_seconds=self.copies.lane.busy if self.copies.lane is not None else None)
         s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h, plan_seconds=self.clock["plan"],
                  wait_seconds=self.clock["wait"])
@@ -629,7 +556,7 @@ class SparseTables(nn.Module):
 
 
 def use_sparse_tables(model, device, cache_rows=None, transient_rows=0, training=True,
-                      dtype=torch.float32, optimizer=None, staging_rows=0, delay=None):
+                      dtype=torch.float32, optimizer=None, delay=None):
     """Replace model.tables (stem.ResidentTables) by SparseTables holding the same rows. The
     old table is let go before the new buffers are allocated, so that the device never
     holds two full tables (give it a model whose tables are still on the CPU to avoid even
@@ -639,5 +566,5 @@ def use_sparse_tables(model, device, cache_rows=None, transient_rows=0, training
         weight = weight.cpu()
     model.tables = None               # frees a device-resident table before the pool is allocated
     model.tables = SparseTables(weight, device, cache_rows, transient_rows, training, dtype, optimizer,
-                                staging_rows, delay, take_weight=True)
+                                delay, take_weight=True)
     return model.tables

@@ -26,7 +26,6 @@ import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -297,23 +296,17 @@ def plan_run(tc, config, device, dtype):
     elif sparse:
         cache_rows, transient = table_slots(tc, config)
         buffers = offload.table_buffers(V, n_stem, d_ff, cache_rows=cache_rows, transient_rows=transient,
-                                        staging_rows=tc.table_staging_rows, training=True, dtype=torch.float32,
-                                        device_is_cuda=cuda)
+                                        training=True, dtype=torch.float32, device_is_cuda=cuda)
         p.table_layout, p.transient_rows = buffers, transient
-        groups = {}         # numbered buffers (double-buffered staging) on one line
         for name, (shape, dt, place) in buffers.items():
-            kind = "staging" if re.match(r"[a-z]+\d+\.", name) else name
-            groups.setdefault((kind, tuple(shape), dt, place), []).append(name)
-        for (kind, shape, dt, place), names in groups.items():
             what = {"pool.weight": "table weights", "pool.exp_avg": "table first moments",
                     "pool.exp_avg_sq": "table second moments", "grad_pool": "table gradient",
                     "host.weight": "host table weights", "host.exp_avg": "host table first moments",
-                    "host.exp_avg_sq": "host table second moments"}.get(kind, kind)
-            size = f"{len(names)} x {shape[0]}" if len(names) > 1 else f"{shape[0]}"
+                    "host.exp_avg_sq": "host table second moments"}[name]
             p.add("device" if place == "device" else "host",
-                  f"{what}{' pinned' if place == 'pinned' else ''} ({size} rows, {str(dt).replace('torch.', '')})",
-                  len(names) * nbytes(shape, dt))
-            host_tables += len(names) * nbytes(shape, dt) if place != "device" else 0
+                  f"{what}{' pinned' if place == 'pinned' else ''} ({shape[0]} rows, {str(dt).replace('torch.', '')})",
+                  nbytes(shape, dt))
+            host_tables += nbytes(shape, dt) if place != "device" else 0
         if offloaded:
             n_slots = min(cache_rows, V) + transient
             p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "

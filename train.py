@@ -70,8 +70,6 @@ class TrainConfig:
     table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
     table_transient_rows: int = knob(0, ge=0)    # offload: device slots for rows of batches in flight that the
                                     # cache does not hold; 0: the rows in flight measured on the data (plan.py)
-    table_staging_rows: int = knob(256, ge=1)    # offload: rows per pinned staging buffer (loads and write-backs,
-                                    # double-buffered: 4 buffers of weights and moments)
     # system
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = knob("auto", choices=configurator.DTYPES)   # auto: bfloat16 on CUDA, float32 on CPU
@@ -206,8 +204,7 @@ def use_table_options(model, tc, config, device):
     # offloaded: slots for the rows of the batches in flight (one step's micro-batches and the
     # prefetched one) that the cache does not hold, measured on the data unless set
     cache_rows, transient_rows = plan.table_slots(tc, config)
-    offload.use_sparse_tables(model, device, cache_rows, transient_rows, training=True, optimizer=lazy,
-                              staging_rows=tc.table_staging_rows)
+    offload.use_sparse_tables(model, device, cache_rows, transient_rows, training=True, optimizer=lazy)
     return True
 
 

@@ -144,11 +144,12 @@ def test_lfu_cache_follows_the_documented_policy_on_a_scripted_stream():
 
     # C: ids 2, 4, 5 once each -> freq 2:2, 4:3, 5:1. 2 hits (slot 1, now locked).
     # Misses hottest first: 4 (3), 5 (1). The only unlocked cached slot is 0 (id 1,
-    # freq 3): 4's 3 does not beat 3 (a tie does not admit), so 4 and 5 go transient.
+    # freq 3): 4's 3 does not beat 3 (a tie does not admit), so 4 and 5 go transient,
+    # into the slots freed longest ago: 4 and 5 (never used), not 2 and 3 (just freed).
     slots_c, miss, miss_slots, ev_ids, _ = cache.plan(arr([2, 4, 5]), arr([1, 1, 1]))
-    np.testing.assert_array_equal(slots_c, [1, 2, 3])
+    np.testing.assert_array_equal(slots_c, [1, 4, 5])
     np.testing.assert_array_equal(miss, [4, 5])
-    np.testing.assert_array_equal(miss_slots, [2, 3])
+    np.testing.assert_array_equal(miss_slots, [4, 5])
     assert len(ev_ids) == 0
     miss_tokens += 2
     ids, _ = cache.release(slots_c)
@@ -217,14 +218,15 @@ def test_lfu_cache_never_evicts_rows_of_batches_in_flight():
     np.testing.assert_array_equal(cache.id_of_slot, before[2])
     assert cache.stats == before[3]
 
-    # B done: its transient row leaves. 6 and 7 now fit in the transient slots; 0 and 1
-    # are the least frequent rows by far but A still holds them: not evicted.
+    # B done: its transient row leaves. 6 and 7 now fit in the transient slots (3, never
+    # used, before 2, just freed); 0 and 1 are the least frequent rows by far but A still
+    # holds them: not evicted.
     ids, _ = cache.release(slots_b)
     np.testing.assert_array_equal(ids, [5])
     slots_c, _, _, ev_ids, _ = cache.plan(arr([6, 7]), arr([50, 50]))
-    np.testing.assert_array_equal(slots_c, [2, 3])
+    np.testing.assert_array_equal(slots_c, [3, 2])
     assert len(ev_ids) == 0
-    np.testing.assert_array_equal(cache.id_of_slot, [0, 1, 6, 7])
+    np.testing.assert_array_equal(cache.id_of_slot, [0, 1, 7, 6])
 
     # A done, C in flight: D (8, five times) may evict the least frequent unlocked cached
     # row: 1 (freq 1; 0 has at least 2). The transient rows of C stay where they are.
@@ -233,7 +235,7 @@ def test_lfu_cache_never_evicts_rows_of_batches_in_flight():
     np.testing.assert_array_equal(slots_d, [1])
     np.testing.assert_array_equal(ev_ids, [1])
     np.testing.assert_array_equal(ev_slots, [1])
-    np.testing.assert_array_equal(cache.id_of_slot, [0, 8, 6, 7])
+    np.testing.assert_array_equal(cache.id_of_slot, [0, 8, 7, 6])
     np.testing.assert_array_equal(cache.locks, [0, 1, 1, 1])
 
 

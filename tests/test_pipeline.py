@@ -55,7 +55,7 @@ def run(steps, accum=2, delay=None, seed=0, device="cpu"):
     grads = [torch.randn(len(b.unique_ids), N_STEM, D_FF, generator=g).to(device) for b in batches]
     resident = offload.SparseTables(w0, device, optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     # a 3-row cache: nearly every micro-batch evicts rows and re-reads rows that just left
-    offloaded = offload.SparseTables(w0, device, cache_rows=3, transient_rows=(accum + 1) * 12, staging_rows=4,
+    offloaded = offload.SparseTables(w0, device, cache_rows=3, transient_rows=(accum + 1) * 12,
                                      optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD), delay=delay)
     on_device = [stem.RowIndex(b.unique_ids.to(device), b.inverse, b.counts) for b in batches]
     return (train(resident, batches, grads, accum, on_device), train(offloaded, batches, grads, accum, on_device),
@@ -65,53 +65,56 @@ def run(steps, accum=2, delay=None, seed=0, device="cpu"):
 def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
     """2000 optimiser steps with seeded random delays before every worker job and every
     copy: the offloaded tables end bit for bit where resident ones do, and the run did hit
-    the race the write-back wait guards (a row gathered while still on its way back)."""
-    waited = []
-    original = offload.SparseTables.wait_for_write_backs
+    the race the copy order guards (a row read from the host while its write-back was
+    still queued)."""
+    raced, leaving = [], {}            # id -> a mark reached once its latest write-back has run
+    original = offload.SparseTables._move
 
-    def counting(self, ids):
-        waited.append(any(np.isin(rec["ids"], ids).any() for rec in self.pending))
-        original(self, ids)
-    monkeypatch.setattr(offload.SparseTables, "wait_for_write_backs", counting)
+    def watching(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
+        raced.append(any(i in leaving and not leaving[i].is_set() for i in in_ids.tolist()))
+        ready = original(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots)
+        if len(out_ids) or len(later_ids):
+            mark = self.copies.mark()
+            leaving.update((i, mark) for i in out_ids.tolist() + later_ids.tolist())
+        return ready
+    monkeypatch.setattr(offload.SparseTables, "_move", watching)
     resident, offloaded, tables = run(2000, delay=(7, 2e-4))
     for name in resident:
         assert torch.equal(resident[name], offloaded[name]), name
     stats = tables.stats()
     assert stats["unique_misses"] > 1000 and stats["bytes_d2h"] > 1000 * N_STEM * D_FF * 4
-    assert sum(waited) > 10, "the delays never left a write-back pending when its row was needed"
+    assert sum(raced) > 10, "the delays never left a write-back queued when its row was read again"
 
 
-def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
-    """The same run with the wait switched off: rows are gathered from the host before
-    their update has landed there, and the tables end elsewhere."""
-    monkeypatch.setattr(offload.SparseTables, "wait_for_write_backs", lambda self, ids: None)
+def test_without_the_lookups_wait_the_run_diverges(monkeypatch):
+    """The same run with the lookup's wait for its batch's copies switched off: the
+    compute reads slots before their rows have arrived, and the tables end elsewhere."""
+    monkeypatch.setattr(offload.SparseTables, "_compute_waits", lambda self, event: None)
     resident, offloaded, _ = run(300, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
 
-def test_without_the_staging_wait_the_run_diverges(monkeypatch):
-    """A load staging buffer refilled before its last copy to the device has run: the
-    device gets the wrong rows."""
-    monkeypatch.setattr(offload.SparseTables, "_staging", _staging_without_wait)
+def test_loads_queued_before_write_backs_diverge(monkeypatch):
+    """Each move queued with its loads ahead of its write-backs: a missing row overwrites
+    an evicted row's slot before that row has gone back to the host, whose update is lost."""
+    original = offload.SparseTables._move
+
+    def loads_first(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
+        none = out_ids[:0]
+        ready = original(self, compute_event, none, none, in_ids, in_slots, none, none)
+        original(self, compute_event, out_ids, out_slots, none, none, later_ids, later_slots)
+        return ready
+    monkeypatch.setattr(offload.SparseTables, "_move", loads_first)
     resident, offloaded, _ = run(300, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
-
-
-def _staging_without_wait(self, kind):
-    k = self.turn[kind]
-    self.turn[kind] = 1 - k
-    if kind == "writeback":
-        while any(rec["buffer"] == k for rec in self.pending):
-            self._settle_oldest()
-    return k, self.staging[kind][k]
 
 
 def test_a_worker_error_reaches_the_training_thread(monkeypatch):
     tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
 
-    def broken(self, ids, slots):
+    def broken(self, *args):
         raise OSError("host table unreadable")
-    monkeypatch.setattr(offload.SparseTables, "_load", broken)
+    monkeypatch.setattr(offload.SparseTables, "_move", broken)
     tables.prepare(stem.RowIndex.of(torch.tensor([1, 2])))
     with pytest.raises(OSError, match="unreadable"):
         tables.lookup(torch.tensor([1, 2]))

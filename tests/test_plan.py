@@ -34,8 +34,7 @@ def zipf_dataset(folder, vocab_size=VOCAB, n_tokens=30_000, seed=0):
 
 
 def configs(data, **train_args):
-    args = dict(dataset=data, batch_size=3, grad_accum_steps=2, device="cpu", table_optimizer="lazy_adamw",
-                table_staging_rows=5)
+    args = dict(dataset=data, batch_size=3, grad_accum_steps=2, device="cpu", table_optimizer="lazy_adamw")
     args.update(train_args)
     tc = train.TrainConfig(**args)
     config = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=48)
@@ -75,18 +74,17 @@ def test_planned_table_bytes_equal_allocated_bytes(tmp_path, tables, optimizer, 
         flight = plan.rows_in_flight(tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, VOCAB, tc.seed)
         assert transient_rows == (transient or flight.rows)
         assert p.table_bytes()["device"] == 4 * (cache_rows + transient_rows) * row    # weights, 2 moments, grad
-        assert p.table_bytes()["host"] == 3 * VOCAB * row + 12 * 5 * row              # tables, 12 staging buffers
+        assert p.table_bytes()["host"] == 3 * VOCAB * row                             # weights, 2 moments
     else:
         assert p.table_bytes() == {"device": 4 * VOCAB * row}
 
 
-@pytest.mark.parametrize("cache_rows, transient, staging", [(None, 0, 0), (10, 20, 0), (10, 20, 7), (VOCAB, 5, 1)])
-def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient, staging):
+@pytest.mark.parametrize("cache_rows, transient", [(None, 0), (10, 20), (10, 0), (VOCAB, 5)])
+def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient):
     weight = torch.randn(VOCAB, 2, 8)
     layout = offload.table_buffers(VOCAB, 2, 8, cache_rows=cache_rows, transient_rows=transient,
-                                   staging_rows=staging, training=False, dtype=torch.bfloat16)
-    tables = offload.SparseTables(weight, "cpu", cache_rows, transient, training=False, dtype=torch.bfloat16,
-                                  staging_rows=staging)
+                                   training=False, dtype=torch.bfloat16)
+    tables = offload.SparseTables(weight, "cpu", cache_rows, transient, training=False, dtype=torch.bfloat16)
     planned = {}
     for shape, dtype, place in layout.values():
         planned[place] = planned.get(place, 0) + plan.nbytes(shape, dtype)
@@ -253,7 +251,7 @@ def test_planned_device_table_bytes_are_what_cuda_allocates(tmp_path):
     planned = p.table_bytes()["device"]
     # the caching allocator rounds each tensor up to 512 bytes; the anchor and slot maps are small
     assert planned <= allocated <= planned + 512 * (len(p.table_layout) + 8) + 8 * VOCAB * 4
-    assert set(p.table_bytes()) == {"device", "host", "pinned"}
+    assert set(p.table_bytes()) == {"device", "pinned"}          # the host tables are pinned
 
 
 @pytest.mark.gpu
