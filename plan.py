@@ -309,6 +309,8 @@ def plan_run(tc, config, device, dtype):
             host_tables += nbytes(shape, dt) if place != "device" else 0
         if offloaded:
             n_slots = min(cache_rows, V) + transient
+            n_views = (V + n_slots) * 3                   # a view per row of weights and moments, host and pool
+            p.add("host", f"row views for the copies ({n_views} tensor objects)", n_views * offload.ROW_VIEW_BYTES)
             p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "
                            f"{tc.table_cache_fraction}) + {transient} transient "
                            + ("(table_transient_rows)" if tc.table_transient_rows else
