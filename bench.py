@@ -462,6 +462,7 @@ def bench_pipeline(bc, device):
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
           f"H2D {scale * per['bytes_h2d'] / 2**30:.3f} GiB")
     return {"main_ms": main_ms, "worker_ms": worker_ms, "layers": layers, "gpu_ms": gpu_ms,
+            "misses": per["unique_misses"],
             "h2d_gib": scale * per["bytes_h2d"] / 2**30, "d2h_gib": scale * per["bytes_d2h"] / 2**30}
 
 

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import configurator  # noqa: E402
 import train  # noqa: E402
-from test_train import make_dataset  # noqa: E402
+from test_train import make_dataset, write_dataset  # noqa: E402
 
 
 def test_loss_spikes_counts_steps_above_the_running_mean():
@@ -83,3 +83,30 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
                           "--batch_size=2", "--device=cpu"])
     assert set(results) == {"resident", "offload"}
     assert "offloaded tokens identical to resident: True" in capsys.readouterr().out
+
+
+def test_copy_engine_stalls_replay_a_gpu_timeline():
+    """Hand-worked timelines (GPU 10 s a micro-batch, 1 s a byte)."""
+    # each micro-batch's 5 bytes arrive inside the GPU's 10 s, except the very first
+    assert bench.copy_engine_stalls([(5, 0), (5, 0), (5, 0)], 10, 1) == [5, 0, 0]
+    # micro-batch 2's copies may start only once micro-batch 0 has computed (t = 10), not
+    # at t = 0: 15 bytes arrive at 25, 5 s after micro-batch 1 has computed
+    assert bench.copy_engine_stalls([(0, 0), (0, 0), (15, 0)], 10, 1) == [0, 0, 5]
+    # 30 bytes queued behind micro-batch 1's rows hold the engine until 32: micro-batch 2's
+    # rows arrive at 37, 17 s after micro-batch 1 has computed; micro-batch 3's are in time
+    assert bench.copy_engine_stalls([(0, 0), (2, 30), (5, 0), (5, 0)], 10, 1) == [0, 0, 17, 0]
+
+
+def test_pipeline_mode_runs_on_a_small_dataset(tmp_path, capsys):
+    tokens = np.random.default_rng(0).zipf(1.3, 60_000) % 2048
+    data = write_dataset(tmp_path / "d", tokens.astype(np.uint16), 2048)
+    result = bench.main(["--mode=pipeline", "--preset=tiny", f"--dataset={data}", "--batch_size=2",
+                         "--micro_batches=8", "--warmup=2", "--layers=2", "--table_cache_fraction=0.05"])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("pipeline: main thread ")
+    config = bench.stem_config(bench.PRESETS["tiny"], bench.BenchConfig(preset="tiny"))
+    n_stem = len(config.stem_layer_ids)
+    # bytes are reported for all STEM layers: rows moved x (weights + 2 moments) x n_stem x d_ff x 4 B
+    row_bytes = 3 * n_stem * config.d_ff * 4
+    assert result["misses"] > 0 and result["h2d_gib"] * 2**30 == pytest.approx(result["misses"] * row_bytes)
+    assert result["d2h_gib"] > 0 and result["layers"] == 2 and result["main_ms"] > 0
