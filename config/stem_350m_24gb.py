@@ -1,7 +1,7 @@
 # STEM-full 350M (23 STEM layers, the 50k vocabulary) on one 24 GB card: the tables live in
-# host memory (36 GiB of fp32 weights and moments, plus 0.74 GiB pinned staging: ~44 GiB host
-# at the peak), the device holds the backbone, a small LFU cache and slots for the rows in flight,
-# and micro-batches of 4 x 1024 keep the 65k tokens per step of stem_350m.py.
+# host memory (36 GiB of fp32 weights and moments, pinned: ~43 GiB host at the peak), the
+# device holds the backbone, a small LFU cache and slots for the rows in flight, and
+# micro-batches of 4 x 1024 keep the 65k tokens per step of stem_350m.py.
 # Check it first: python train.py config/stem_350m_24gb.py --device=cuda --dry_run=True
 # (20.2 GiB planned on the device on the stdlib text of data/text; the run re-plans on your
 # data and stops before allocating if the card's free memory is short).
