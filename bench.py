@@ -86,6 +86,8 @@ class BenchConfig:
     gpu: str = "H100 SXM"                       # pipeline: the GPU whose peak times that compute
     copy_gbps: float = knob(25.0, gt=0)         # pipeline on the CPU: the copy engine's rate each way (pinned
                                                 # PCIe copies; ~25 GB/s is a conservative H100 figure)
+    copy_issue_us: float = knob(5.0, ge=0)      # pipeline on the CPU: the worker's time to issue one row copy on
+                                                # CUDA (torch's copy_ and cudaMemcpyAsync: assumed, not measured)
     seed: int = knob(0, ge=0)
 
     def __post_init__(self):
@@ -368,16 +370,20 @@ def bench_cache(bc):
 
 
 def bench_pipeline(bc, device):
-    """The offloaded tables' host pipeline at the preset's row size, on real token batches
-    (on the CPU, or with --device=cuda the real copies on a side stream): what the training thread spends per micro-batch on table bookkeeping
-    (planning, queueing, waiting for the worker or a copy) while the worker queues the
-    copies of rows between the pinned host tables and the device pool. The GPU's compute of each micro-batch is stood in for by a sleep
-    of its FLOPs at the GPU's peak x gpu_mfu (the training thread is blocked behind the
-    GPU then); the arithmetic a GPU would run (lookup gather, catch-up, backward, lazy
-    AdamW update) runs on this CPU before the next plan is queued and is reported apart. A machine that
-    cannot hold all STEM layers' tables holds `layers` of them: the row bytes, the
-    worker's and copies' times and the GPU's time all scale with the layers, so they and
-    the waits are reported x (all layers / layers held); planning does not scale."""
+    """The offloaded tables' host pipeline at the preset's row size, on real token batches:
+    what the training thread spends per micro-batch on table bookkeeping (planning,
+    queueing, waiting for the worker or a copy) while the worker queues the copies of rows
+    between the pinned host tables and the device pool. The GPU's compute of each
+    micro-batch is a sleep of its FLOPs at the GPU's peak x gpu_mfu (the training thread
+    is blocked behind the GPU then); the arithmetic a GPU would run (lookup gather,
+    catch-up, backward, lazy AdamW update) runs on this CPU before the next plan is queued
+    and is reported apart. On the CPU the copy engine is a wait of bytes / copy_gbps, and
+    the worker's cost of issuing each copy on CUDA (copy_issue_us) is added to its time;
+    with --device=cuda the copies and their issuing are real (but the compute is still a
+    host sleep, so a copy arriving late is not seen). A machine that cannot hold all STEM
+    layers' tables holds `layers` of them: the row bytes, the copies' and the GPU's times
+    scale with the layers, so they and the waits are reported x (all layers / layers
+    held); planning and the worker's time, which go by rows, do not scale."""
     config = stem_config(PRESETS[bc.preset], bc)
     V, T, B, G, d_ff = config.vocab_size, config.block_size, bc.batch_size, bc.grad_accum_steps, config.d_ff
     n_stem = len(config.stem_layer_ids)
@@ -433,19 +439,25 @@ def bench_pipeline(bc, device):
     after, n = tables.stats(), total - bc.warmup * G
     per = {k: (after[k] - before[k]) / n for k in after if k in before and isinstance(after[k], (int, float))}
     ms = lambda seconds, scaled=True: 1e3 * seconds * (scale if scaled else 1)
-    worker_ms, gpu_ms = ms(per["worker_seconds"]), ms(gpu_seconds, False)
+    n_copies = (per["bytes_h2d"] + per["bytes_d2h"]) / tables.row_bytes       # one per row and tensor
+    cpu = device == "cpu"
+    issue_ms = n_copies * bc.copy_issue_us / 1e3 if cpu else 0.0              # on CUDA: in the worker's time
+    worker_ms, gpu_ms = ms(per["worker_seconds"], False) + issue_ms, ms(gpu_seconds, False)
     copy_ms = ms(per["copy_seconds"]) if per.get("copy_seconds") is not None else 0.0
     # The worker and the copy engine have one GPU micro-batch to ready the next one's rows,
     # but this CPU's slower arithmetic gives them more (then no wait shows here). So the
     # copies queued are also replayed on a GPU's timeline, and the larger wait counts.
     stalls = [0.0]
-    if device == "cpu":
+    if cpu:
+        # a copy takes its bytes' time at copy_gbps, or its issuing time if that is longer
+        per_copy = max(tables.row_bytes * scale / (bc.copy_gbps * 1e9), bc.copy_issue_us / 1e6)
+        seconds = lambda entries: sum(e for e in entries if e is not None) / tables.row_bytes * per_copy
         log, moves = tables.copies.log, []
         for first, last in zip([0] + logged[:-1], logged):         # from the first micro-batch, so that the
             entries = log[first:last]                                  # timed ones start from a steady state
             mark = entries.index(None) if None in entries else 0
-            moves.append((sum(entries[:mark]) * scale, sum(e for e in entries[mark:] if e is not None) * scale))
-        stalls = copy_engine_stalls(moves, gpu_seconds, 1 / (bc.copy_gbps * 1e9))[bc.warmup * G:]
+            moves.append((seconds(entries[:mark]), seconds(entries[mark:])))
+        stalls = copy_engine_stalls(moves, gpu_seconds)[bc.warmup * G:]
     wait_ms = max(ms(per["wait_seconds"]), worker_ms - gpu_ms, 1e3 * sum(stalls) / len(stalls))
     main_ms = ms(per["plan_seconds"], False) + wait_ms
     print(f"per micro-batch: {per['unique']:.0f} unique ids, {per['unique_misses']:.0f} misses, H2D "
@@ -457,8 +469,8 @@ def bench_pipeline(bc, device):
           f"the CPU: {ms(arithmetic / n):.1f} ms")
     copies = ("" if per.get("copy_seconds") is None else
               f"; copy engine (a wait of bytes / {bc.copy_gbps:g} GB/s) {copy_ms:.1f} ms")
-    n_copies = (per["bytes_h2d"] + per["bytes_d2h"]) / tables.row_bytes       # one per row and tensor
-    print(f"worker: queueing {n_copies:.0f} row copies {worker_ms:.1f} ms" + copies)
+    issued = f" (views {worker_ms - issue_ms:.1f} + issuing at {bc.copy_issue_us:g} us each {issue_ms:.1f})" if cpu else ""
+    print(f"worker: queueing {n_copies:.0f} row copies {worker_ms:.1f} ms{issued}" + copies)
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
           f"H2D {scale * per['bytes_h2d'] / 2**30:.3f} GiB")
     return {"main_ms": main_ms, "worker_ms": worker_ms, "layers": layers, "gpu_ms": gpu_ms,
@@ -466,16 +478,18 @@ def bench_pipeline(bc, device):
             "h2d_gib": scale * per["bytes_h2d"] / 2**30, "d2h_gib": scale * per["bytes_d2h"] / 2**30}
 
 
-def copy_engine_stalls(moves, gpu_seconds, seconds_per_byte):
+def copy_engine_stalls(moves, gpu_seconds):
     """Seconds each micro-batch's compute waits for its rows on a GPU, replaying the copies
-    queued for it: moves[k] = (bytes queued before its rows are in, bytes queued after).
-    Micro-batch k's plan is queued before k-1's forward, so its copies start once the copy
-    engine is free and k-2 has computed; k computes once k-1 has and its rows are in."""
+    queued for it: moves[k] = (seconds of the copies queued before its rows are in, seconds
+    of those queued after). As in train.py, micro-batch k's plan is queued before k-1's
+    forward, so its copies start once the copy engine is free and k-2 has computed; k
+    computes once k-1 has and its rows are in. (The moves come from the bench's loop,
+    which plans in the same order of micro-batches and steps.)"""
     engine_free = end_before_last = end_last = 0.0
     stalls = []
     for before, after in moves:
-        ready = max(engine_free, end_before_last) + before * seconds_per_byte
-        engine_free = ready + after * seconds_per_byte
+        ready = max(engine_free, end_before_last) + before
+        engine_free = ready + after
         begin = max(end_last, ready)
         stalls.append(begin - end_last)
         end_before_last, end_last = end_last, begin + gpu_seconds

@@ -21,9 +21,11 @@ Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
      back to the host first (training). The plan is queued for the worker; nothing waits.
   2. Worker thread: queues, on the copy queue, one copy per row and tensor: the evicted
      rows from their slots straight into their host rows, then the missing rows from their
-     host rows straight into their slots. The host tables are page-locked, so on CUDA
-     these are DMA transfers that take none of the CPU's cores or memory passes (a row of
-     one tensor is 23 x 2816 x 4 B = 253 KiB at 350M, large enough for full PCIe speed).
+     host rows straight into their slots. In training the host tables are page-locked, so
+     on CUDA these are DMA transfers: the CPU only issues them (a few microseconds each)
+     and never passes over the rows' bytes (a row of one tensor is 23 x 2816 x 4 B =
+     253 KiB at 350M). Inference tables are not pinned: they may be a mapped checkpoint,
+     which pinning would read whole; their few rows a token are copied from pageable memory.
   3. Copy queue: a side CUDA stream that starts after the compute queued before the plan;
      copies run in the order queued, so a row written back is on the host before any later
      copy reads it, and an evicted row leaves its slot before a new row fills it. The
@@ -151,7 +153,7 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, t
                   dtype=torch.float32, device_is_cuda=False):
     """Every tensor SparseTables allocates: name -> (shape, dtype, place), place "device",
     "host" or "pinned" (host memory page-locked on CUDA, because device copies read and
-    write it). The memory plan (plan.py) reads the same list, so planned bytes are
+    write it in training). The memory plan (plan.py) reads the same list, so planned bytes are
     allocated bytes."""
     dtype = torch.float32 if training else dtype        # training keeps fp32 master rows
     names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
@@ -162,7 +164,7 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, t
     else:
         n_slots = min(cache_rows, vocab_size) + transient_rows
         for name in names:          # rows are copied to and from the device in place: pinned on CUDA
-            buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "pinned" if device_is_cuda else "host")
+            buffers[f"host.{name}"] = ((vocab_size,) + row, dtype, "pinned" if device_is_cuda and training else "host")
     for name in names:
         buffers[f"pool.{name}"] = ((n_slots,) + row, dtype, "device")
     if training:
@@ -320,6 +322,7 @@ class SparseTables(nn.Module):
         later_ids, later_slots = leaving_ids[~first], leaving_slots[~first]
         if not (len(out_ids) or len(in_ids) or len(later_ids)):
             return None
+        self.flushed = False                    # rows are on the move: a flush (or write_rows) must drain
         moved = self.worker.submit(functools.partial(self._move, self._compute_event(), out_ids, out_slots, in_ids,
                                                      in_slots, later_ids, later_slots))
         self.bytes_h2d += len(in_ids) * self.row_bytes * len(self.names)

@@ -86,15 +86,15 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
 
 
 def test_copy_engine_stalls_replay_a_gpu_timeline():
-    """Hand-worked timelines (GPU 10 s a micro-batch, 1 s a byte)."""
-    # each micro-batch's 5 bytes arrive inside the GPU's 10 s, except the very first
-    assert bench.copy_engine_stalls([(5, 0), (5, 0), (5, 0)], 10, 1) == [5, 0, 0]
+    """Hand-worked timelines (GPU 10 s a micro-batch; moves in seconds of copies)."""
+    # each micro-batch's 5 s of copies end inside the GPU's 10 s, except the very first
+    assert bench.copy_engine_stalls([(5, 0), (5, 0), (5, 0)], 10) == [5, 0, 0]
     # micro-batch 2's copies may start only once micro-batch 0 has computed (t = 10), not
-    # at t = 0: 15 bytes arrive at 25, 5 s after micro-batch 1 has computed
-    assert bench.copy_engine_stalls([(0, 0), (0, 0), (15, 0)], 10, 1) == [0, 0, 5]
-    # 30 bytes queued behind micro-batch 1's rows hold the engine until 32: micro-batch 2's
+    # at t = 0: 15 s of copies end at 25, 5 s after micro-batch 1 has computed
+    assert bench.copy_engine_stalls([(0, 0), (0, 0), (15, 0)], 10) == [0, 0, 5]
+    # 30 s of copies queued behind micro-batch 1's rows hold the engine until 32: micro-batch 2's
     # rows arrive at 37, 17 s after micro-batch 1 has computed; micro-batch 3's are in time
-    assert bench.copy_engine_stalls([(0, 0), (2, 30), (5, 0), (5, 0)], 10, 1) == [0, 0, 17, 0]
+    assert bench.copy_engine_stalls([(0, 0), (2, 30), (5, 0), (5, 0)], 10) == [0, 0, 17, 0]
 
 
 def test_pipeline_mode_runs_on_a_small_dataset(tmp_path, capsys):

@@ -93,6 +93,16 @@ def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient):
     assert not any("exp_avg" in name or "grad" in name for name in layout)
 
 
+def test_only_training_host_tables_are_pinned_on_cuda():
+    """Training copies rows in place to and from its host tables, so on CUDA they are
+    page-locked; inference tables may be a mapped checkpoint, which pinning would read whole."""
+    places = lambda training, cuda: {name: place for name, (_, _, place) in offload.table_buffers(
+        VOCAB, 2, 8, cache_rows=10, transient_rows=5, training=training, device_is_cuda=cuda).items()
+        if name.startswith("host.")}
+    assert set(places(True, True).values()) == {"pinned"} and len(places(True, True)) == 3
+    assert set(places(False, True).values()) == {"host"} and set(places(True, False).values()) == {"host"}
+
+
 def test_dense_adamw_plan_counts_weight_gradient_and_moments(tmp_path):
     tc, config = configs(zipf_dataset(tmp_path / "d"), table_optimizer="adamw")
     p = plan.plan_run(tc, config, "cpu", "float32")
