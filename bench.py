@@ -427,7 +427,7 @@ def bench_pipeline(bc, device):
             arithmetic, before = 0.0, tables.stats()
         start, clock = time.perf_counter(), dict(tables.clock)
         rows = tables.lookup(device_ids[i])                   # (U, layers, d_ff)
-        logged.append(len(tables.copies.log))                 # micro-batch i's copies are all queued now
+        logged.append({way: len(queue.log) for way, queue in tables.copies.items()})   # i's copies are queued
         (rows * 1e-3).sum().backward()
         if i % G == G - 1:
             tables.step(1e-4, 1.0)
@@ -443,7 +443,8 @@ def bench_pipeline(bc, device):
     cpu = device == "cpu"
     issue_ms = n_copies * bc.copy_issue_us / 1e3 if cpu else 0.0              # on CUDA: in the worker's time
     worker_ms, gpu_ms = ms(per["worker_seconds"], False) + issue_ms, ms(gpu_seconds, False)
-    copy_ms = ms(per["copy_seconds"]) if per.get("copy_seconds") is not None else 0.0
+    copy_ms = {way: ms(per[f"copy_{way}_seconds"]) if per.get(f"copy_{way}_seconds") is not None else 0.0
+               for way in ("in", "out")}
     # The worker and the copy engine have one GPU micro-batch to ready the next one's rows,
     # but this CPU's slower arithmetic gives them more (then no wait shows here). So the
     # copies queued are also replayed on a GPU's timeline, and the larger wait counts.
@@ -451,12 +452,11 @@ def bench_pipeline(bc, device):
     if cpu:
         # a copy takes its bytes' time at copy_gbps, or its issuing time if that is longer
         per_copy = max(tables.row_bytes * scale / (bc.copy_gbps * 1e9), bc.copy_issue_us / 1e6)
-        seconds = lambda entries: sum(e for e in entries if e is not None) / tables.row_bytes * per_copy
-        log, moves = tables.copies.log, []
-        for first, last in zip([0] + logged[:-1], logged):         # from the first micro-batch, so that the
-            entries = log[first:last]                                  # timed ones start from a steady state
-            mark = entries.index(None) if None in entries else 0
-            moves.append((seconds(entries[:mark]), seconds(entries[mark:])))
+        op = lambda entry: ("copy", entry / tables.row_bytes * per_copy) if isinstance(entry, int) else entry
+        moves = []
+        for first, last in zip([{"in": 0, "out": 0}] + logged[:-1], logged):   # from the first micro-batch, so
+            moves.append({way: [op(entry) for entry in queue.log[first[way]:last[way]]]   # that the timed ones
+                          for way, queue in tables.copies.items()})                       # start steady
         stalls = copy_engine_stalls(moves, gpu_seconds)[bc.warmup * G:]
     wait_ms = max(ms(per["wait_seconds"]), worker_ms - gpu_ms, 1e3 * sum(stalls) / len(stalls))
     main_ms = ms(per["plan_seconds"], False) + wait_ms
@@ -467,8 +467,9 @@ def bench_pipeline(bc, device):
           f"{max(0.0, worker_ms - gpu_ms):.2f}, the copies replayed on the GPU's timeline "
           f"{1e3 * sum(stalls) / len(stalls):.2f}, at most {1e3 * max(stalls):.2f}); arithmetic a GPU runs, here on "
           f"the CPU: {ms(arithmetic / n):.1f} ms")
-    copies = ("" if per.get("copy_seconds") is None else
-              f"; copy engine (a wait of bytes / {bc.copy_gbps:g} GB/s) {copy_ms:.1f} ms")
+    copies = ("" if per.get("copy_in_seconds") is None else
+              f"; copy engines (waits of bytes / {bc.copy_gbps:g} GB/s) in {copy_ms['in']:.1f} ms, "
+              f"out {copy_ms['out']:.1f} ms")
     issued = f" (views {worker_ms - issue_ms:.1f} + issuing at {bc.copy_issue_us:g} us each {issue_ms:.1f})" if cpu else ""
     print(f"worker: queueing {n_copies:.0f} row copies {worker_ms:.1f} ms{issued}" + copies)
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "
@@ -480,16 +481,28 @@ def bench_pipeline(bc, device):
 
 def copy_engine_stalls(moves, gpu_seconds):
     """Seconds each micro-batch's compute waits for its rows on a GPU, replaying the copies
-    queued for it: moves[k] = (seconds of the copies queued before its rows are in, seconds
-    of those queued after). As in train.py, micro-batch k's plan is queued before k-1's
-    forward, so its copies start once the copy engine is free and k-2 has computed; k
-    computes once k-1 has and its rows are in. (The moves come from the bench's loop,
+    queued for it on the two copy engines: moves[k] = {"in": ops, "out": ops}, ops in the
+    order queued: ("copy", seconds), ("mark", key) and ("wait", key) for a mark of the
+    other engine. As in train.py, micro-batch k's plan is queued before k-1's forward, so
+    its copies start once their engine is free and k-2 has computed; k computes once k-1
+    has and its rows are in (its last "in" mark). (The moves come from the bench's loop,
     which plans in the same order of micro-batches and steps.)"""
-    engine_free = end_before_last = end_last = 0.0
+    engine_free, landed = {"in": 0.0, "out": 0.0}, {}
+    end_before_last = end_last = 0.0
     stalls = []
-    for before, after in moves:
-        ready = max(engine_free, end_before_last) + before
-        engine_free = ready + after
+    for move in moves:
+        ready = end_last
+        for way in ("out", "in"):           # the in engine waits for out marks, never the other way
+            t = max(engine_free[way], end_before_last)
+            for kind, value in move[way]:
+                if kind == "copy":
+                    t += value
+                elif kind == "wait":
+                    t = max(t, landed[value])
+                else:
+                    landed[value] = t
+                    ready = t if way == "in" else ready
+            engine_free[way] = t
         begin = max(end_last, ready)
         stalls.append(begin - end_last)
         end_before_last, end_last = end_last, begin + gpu_seconds

@@ -92,7 +92,8 @@ class CopyQueue:
     queues the copies fn makes; mark() returns an event reached once they are done.
     copy_rate (bytes/s, CPU only, for bench.py): the stand-in does not copy but takes
     nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker;
-    `log` then lists what was queued, in order: nbytes of each run, None for each mark."""
+    `log` then lists what was queued, in order: nbytes of each run, ("mark", event) for
+    each mark, ("wait", event) for each wait for another queue's mark."""
 
     def __init__(self, device, delay=None, copy_rate=None):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -109,17 +110,25 @@ class CopyQueue:
         with torch.cuda.stream(self.stream):
             fn()
 
-    def wait_for(self, compute_event):
-        """Later copies start after the compute queued before compute_event (CPU: None,
-        the training thread's compute has already run)."""
-        if compute_event is not None:
-            self.stream.wait_event(compute_event)
+    def wait_for(self, event):
+        """Later copies start once event is reached: the compute queued before a CUDA event
+        (on the CPU None: the training thread's compute has already run), or another copy
+        queue's mark."""
+        if event is None:
+            return
+        if self.lane is not None:
+            self.lane.submit(event.synchronize)
+            if self.copy_rate is not None:
+                self.log.append(("wait", event))
+        else:
+            self.stream.wait_event(event)
 
     def mark(self):
         if self.lane is not None:
+            done = self.lane.submit(lambda: None)
             if self.copy_rate is not None:
-                self.log.append(None)
-            return self.lane.submit(lambda: None)
+                self.log.append(("mark", done))
+            return done
         event = torch.cuda.Event()
         event.record(self.stream)
         return event

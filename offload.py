@@ -172,16 +172,18 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, t
     return buffers
 
 
-def _shut_down(copies, worker, unpin):
+def _shut_down(queues, worker, unpin):
     """When offloaded tables are freed: the copies still queued finish before their memory is
     released (the pools; the host tables are unpinned), then the threads stop."""
-    if copies.stream is not None:
-        copies.stream.synchronize()
+    for queue in queues:
+        if queue.stream is not None:
+            queue.stream.synchronize()
     if unpin is not None:
         unpin()
     worker.close()
-    if copies.lane is not None:
-        copies.lane.close()
+    for queue in queues:
+        if queue.lane is not None:
+            queue.lane.close()
 
 
 def _dynamic_rows(rows):
@@ -242,10 +244,14 @@ class SparseTables(nn.Module):
             self.rows = {place: {name: tensors[name].unbind(0) for name in self.names}
                          for place, tensors in (("host", self.host), ("pool", self.pool))}
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
-            copy_delay = (delay[0] + 1, delay[1]) if delay else None     # its own sequence of delays
-            self.copies, self.worker = CopyQueue(self.device, copy_delay, copy_rate), Lane("table worker", delay)
+            # copies to the device and back run on queues of their own (the two directions of
+            # PCIe, two copy engines), each with its own sequence of delays
+            self.copies = {way: CopyQueue(self.device, (delay[0] + k, delay[1]) if delay else None, copy_rate)
+                           for k, way in ((1, "in"), (2, "out"))}
+            self.worker = Lane("table worker", delay)
             pinned = [self.allocated[name] for name, (_, _, place) in layout.items() if place == "pinned"]
-            weakref.finalize(self, _shut_down, self.copies, self.worker, pin(pinned) if pinned else None)
+            weakref.finalize(self, _shut_down, list(self.copies.values()), self.worker,
+                             pin(pinned) if pinned else None)
             for tensor in self.pool.values():
                 tensor.zero_()
         else:
@@ -269,6 +275,13 @@ class SparseTables(nn.Module):
         self.flushed = False                        # the host tables (resident: the pool) are complete and current
         self.in_flight = []                         # plans looked up, awaiting step() / release()
         self.leaving = []                           # (ids, slots) released, their write-back not yet queued
+        if self.offloaded:
+            # the number of the last write-back group of each id and slot (training thread);
+            # the worker's marks of groups not yet waited for, and the last one waited for
+            self.write_backs = 0
+            self.written_back = (np.zeros(vocab_size, dtype=np.int64), np.zeros(len(self.cache.id_of_slot),
+                                                                                dtype=np.int64))
+            self.landed, self.waited_for = {}, 0
 
     def numel(self):
         return math.prod((self.host if self.offloaded else self.pool)["weight"].shape)
@@ -309,49 +322,68 @@ class SparseTables(nn.Module):
         return {"slots": slots, "n": len(ids), "moved": moved}
 
     def _queue_move(self, out_ids, out_slots, in_ids, in_slots):
-        """Queue the worker's _move of these rows, with the write-back of the rows released
-        since the last move: those whose id or slot the incoming rows need go before them,
-        the rest after them (a step releases many rows at once, and their way back should
-        not delay the next batch's). Returns the move's Done, or None when nothing moves."""
+        """Queue the worker's _move of these rows and the write-back of the rows released
+        since the last move, in two numbered groups: the evicted rows with the released rows
+        whose id or slot the incoming rows need, then the other released rows (a step
+        releases many at once). The loads wait for the latest group holding one of their
+        ids or slots. Returns the move's Done, or None when nothing moves."""
         leaving_ids, leaving_slots = (np.concatenate([pair[k] for pair in self.leaving] + [out_ids[:0]])
                                       for k in (0, 1))
         self.leaving = []
-        first = np.isin(leaving_ids, in_ids) | np.isin(leaving_slots, in_slots)
-        out_ids, out_slots = np.concatenate([out_ids, leaving_ids[first]]), np.concatenate([out_slots,
-                                                                                          leaving_slots[first]])
-        later_ids, later_slots = leaving_ids[~first], leaving_slots[~first]
-        if not (len(out_ids) or len(in_ids) or len(later_ids)):
+        needed = np.isin(leaving_ids, in_ids) | np.isin(leaving_slots, in_slots)
+        first_ids = np.concatenate([out_ids, leaving_ids[needed]])
+        first_slots = np.concatenate([out_slots, leaving_slots[needed]])
+        later = [(leaving_ids[~needed], leaving_slots[~needed])]
+        groups = []
+        for ids, slots in [(first_ids, first_slots)] + later:
+            if len(ids) or not groups:              # the first group is there even when empty
+                number = self.write_backs = self.write_backs + (len(ids) > 0)
+                self.written_back[0][ids], self.written_back[1][slots] = number, number
+                groups.append((ids, slots, number if len(ids) else 0))
+        if not (len(in_ids) or any(len(ids) for ids, _, _ in groups)):
             return None
         self.flushed = False                    # rows are on the move: a flush (or write_rows) must drain
-        moved = self.worker.submit(functools.partial(self._move, self._compute_event(), out_ids, out_slots, in_ids,
-                                                     in_slots, later_ids, later_slots))
+        need = max(self.written_back[0][in_ids].max(), self.written_back[1][in_slots].max()) if len(in_ids) else 0
+        moved = self.worker.submit(functools.partial(self._move, self._compute_event(), groups, in_ids, in_slots,
+                                                     int(need)))
         self.bytes_h2d += len(in_ids) * self.row_bytes * len(self.names)
-        self.bytes_d2h += (len(out_ids) + len(later_ids)) * self.row_bytes * len(self.names)
+        self.bytes_d2h += sum(len(ids) for ids, _, _ in groups) * self.row_bytes * len(self.names)
         return moved
 
     # -- the worker thread: copies queued in order -------------------------------------
 
-    def _move(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
-        """Rows at out_slots go back to their host rows out_ids, host rows in_ids come into
-        in_slots, then rows at later_slots go back to later_ids: one copy per row and
-        tensor, queued in that order (an evicted row leaves its slot before a missing row
-        fills it). Returns the event after which the incoming rows are in the pool (None
-        if none come)."""
-        self.copies.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
+    def _move(self, compute_event, groups, in_ids, in_slots, need):
+        """On the "out" queue, the rows of each group (ids, slots, number) go back from their
+        slots to their host rows, each group marked when done; on the "in" queue, once group
+        `need` is done, host rows in_ids come into in_slots. One copy per row and tensor,
+        issued first group, loads, other groups. Returns the event after which the incoming
+        rows are in the pool (None if none come)."""
+        for queue in self.copies.values():
+            queue.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
         host, pool = self.rows["host"], self.rows["pool"]
 
         def views(rows, index):         # those rows of each tensor (map and chain: no Python loop holds the GIL)
             return list(itertools.chain.from_iterable(map(rows[name].__getitem__, index.tolist())
                                                       for name in self.names))
 
-        def copies(destinations, sources):
+        def copies(queue, destinations, sources):
             if destinations:
-                self.copies.run(functools.partial(torch._foreach_copy_, destinations, sources, non_blocking=True),
-                                len(destinations) * self.row_bytes)
-        copies(views(host, out_ids), views(pool, out_slots))
-        copies(views(pool, in_slots), views(host, in_ids))
-        ready = self.copies.mark() if len(in_ids) else None
-        copies(views(host, later_ids), views(pool, later_slots))
+                queue.run(functools.partial(torch._foreach_copy_, destinations, sources, non_blocking=True),
+                          len(destinations) * self.row_bytes)
+
+        def write_back(ids, slots, number):
+            copies(self.copies["out"], views(host, ids), views(pool, slots))
+            if len(ids):
+                self.landed[number] = self.copies["out"].mark()
+        write_back(*groups[0])
+        if need > self.waited_for:          # in-queue order keeps every earlier group waited for
+            self.copies["in"].wait_for(self.landed[need])
+            self.waited_for = need
+            self.landed = {number: event for number, event in self.landed.items() if number > need}
+        copies(self.copies["in"], views(pool, in_slots), views(host, in_ids))
+        ready = self.copies["in"].mark() if len(in_ids) else None
+        for group in groups[1:]:
+            write_back(*group)
         return ready
 
     def _drain(self):
@@ -360,7 +392,7 @@ class SparseTables(nn.Module):
             return
         if self.leaving:
             self._queue_move(*[np.zeros(0, dtype=np.int64)] * 4)
-        self.worker.submit(lambda: self.copies.mark().synchronize()).result()
+        self.worker.submit(lambda: [queue.mark().synchronize() for queue in self.copies.values()]).result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -556,7 +588,8 @@ class SparseTables(nn.Module):
             s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])
             s["unique_hit_rate"] = 1 - s["unique_misses"] / max(1, s["unique"])
             s.update(worker_seconds=self.worker.busy,
-                     copy_seconds=self.copies.lane.busy if self.copies.lane is not None else None)
+                     **{f"copy_{way}_seconds": queue.lane.busy if queue.lane is not None else None
+                        for way, queue in self.copies.items()})
         s.update(bytes_h2d=self.bytes_h2d, bytes_d2h=self.bytes_d2h, plan_seconds=self.clock["plan"],
                  wait_seconds=self.clock["wait"])
         return s

@@ -86,15 +86,20 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
 
 
 def test_copy_engine_stalls_replay_a_gpu_timeline():
-    """Hand-worked timelines (GPU 10 s a micro-batch; moves in seconds of copies)."""
-    # each micro-batch's 5 s of copies end inside the GPU's 10 s, except the very first
-    assert bench.copy_engine_stalls([(5, 0), (5, 0), (5, 0)], 10) == [5, 0, 0]
+    """Hand-worked timelines (GPU 10 s a micro-batch; copies in seconds)."""
+    load = lambda seconds, key: {"out": [], "in": [("copy", seconds), ("mark", key)]}
+    # each micro-batch's 5 s of loads end inside the GPU's 10 s, except the very first
+    assert bench.copy_engine_stalls([load(5, 0), load(5, 1), load(5, 2)], 10) == [5, 0, 0]
     # micro-batch 2's copies may start only once micro-batch 0 has computed (t = 10), not
-    # at t = 0: 15 s of copies end at 25, 5 s after micro-batch 1 has computed
-    assert bench.copy_engine_stalls([(0, 0), (0, 0), (15, 0)], 10) == [0, 0, 5]
-    # 30 s of copies queued behind micro-batch 1's rows hold the engine until 32: micro-batch 2's
-    # rows arrive at 37, 17 s after micro-batch 1 has computed; micro-batch 3's are in time
-    assert bench.copy_engine_stalls([(0, 0), (2, 30), (5, 0), (5, 0)], 10) == [0, 0, 17, 0]
+    # at t = 0: 15 s of loads end at 25, 5 s after micro-batch 1 has computed
+    assert bench.copy_engine_stalls([load(0, 0), load(0, 1), load(15, 2)], 10) == [0, 0, 5]
+    # 30 s of write-backs (mark "a") on the other engine delay micro-batch 2's loads only
+    # if they wait for them: then from 10 to 30, and its rows arrive at 35, 15 s after
+    # micro-batch 1 has computed
+    burst = {"out": [("copy", 30), ("mark", "a")], "in": [("copy", 2), ("mark", 1)]}
+    after = {"out": [], "in": [("wait", "a"), ("copy", 5), ("mark", 2)]}
+    assert bench.copy_engine_stalls([load(0, 0), burst, after], 10) == [0, 0, 15]
+    assert bench.copy_engine_stalls([load(0, 0), burst, load(5, 2)], 10) == [0, 0, 0]
 
 
 def test_pipeline_mode_runs_on_a_small_dataset(tmp_path, capsys):

@@ -65,17 +65,16 @@ def run(steps, accum=2, delay=None, seed=0, device="cpu"):
 def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
     """2000 optimiser steps with seeded random delays before every worker job and every
     copy: the offloaded tables end bit for bit where resident ones do, and the run did hit
-    the race the copy order guards (a row read from the host while its write-back was
-    still queued)."""
+    the race the write-back wait guards (a row read from the host while its write-back,
+    on the other copy queue, had not yet run)."""
     raced, leaving = [], {}            # id -> a mark reached once its latest write-back has run
     original = offload.SparseTables._move
 
-    def watching(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
+    def watching(self, compute_event, groups, in_ids, in_slots, need):
         raced.append(any(i in leaving and not leaving[i].is_set() for i in in_ids.tolist()))
-        ready = original(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots)
-        if len(out_ids) or len(later_ids):
-            mark = self.copies.mark()
-            leaving.update((i, mark) for i in out_ids.tolist() + later_ids.tolist())
+        ready = original(self, compute_event, groups, in_ids, in_slots, need)
+        mark = self.copies["out"].mark()
+        leaving.update((i, mark) for ids, _, _ in groups for i in ids.tolist())
         return ready
     monkeypatch.setattr(offload.SparseTables, "_move", watching)
     resident, offloaded, tables = run(2000, delay=(7, 2e-4))
@@ -83,28 +82,26 @@ def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
         assert torch.equal(resident[name], offloaded[name]), name
     stats = tables.stats()
     assert stats["unique_misses"] > 1000 and stats["bytes_d2h"] > 1000 * N_STEM * D_FF * 4
-    assert sum(raced) > 10, "the delays never left a write-back queued when its row was read again"
+    assert sum(raced) > 10, "the delays never left a write-back pending when its row was read again"
+
+
+def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
+    """The same run with the load queue's wait for write-backs switched off: rows are read
+    from the host before their update has landed there, or copied into a slot before its
+    row has left, and the tables end elsewhere."""
+    original = offload.SparseTables._move
+
+    def without_wait(self, *args):
+        return original(self, *args[:-1], 0)          # need = 0: wait for no write-back
+    monkeypatch.setattr(offload.SparseTables, "_move", without_wait)
+    resident, offloaded, _ = run(300, delay=(7, 2e-4))
+    assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
 
 def test_without_the_lookups_wait_the_run_diverges(monkeypatch):
     """The same run with the lookup's wait for its batch's copies switched off: the
     compute reads slots before their rows have arrived, and the tables end elsewhere."""
     monkeypatch.setattr(offload.SparseTables, "_compute_waits", lambda self, event: None)
-    resident, offloaded, _ = run(300, delay=(7, 2e-4))
-    assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
-
-
-def test_loads_queued_before_write_backs_diverge(monkeypatch):
-    """Each move queued with its loads ahead of its write-backs: a missing row overwrites
-    an evicted row's slot before that row has gone back to the host, whose update is lost."""
-    original = offload.SparseTables._move
-
-    def loads_first(self, compute_event, out_ids, out_slots, in_ids, in_slots, later_ids, later_slots):
-        none = out_ids[:0]
-        ready = original(self, compute_event, none, none, in_ids, in_slots, none, none)
-        original(self, compute_event, out_ids, out_slots, none, none, later_ids, later_slots)
-        return ready
-    monkeypatch.setattr(offload.SparseTables, "_move", loads_first)
     resident, offloaded, _ = run(300, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
@@ -125,7 +122,7 @@ def test_tables_free_their_threads():
     tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
     (tables.lookup(torch.tensor([1, 2, 3, 4])) * 1.0).sum().backward()
     tables.step(0.1)
-    threads = [tables.worker.thread, tables.copies.lane.thread]
+    threads = [tables.worker.thread] + [queue.lane.thread for queue in tables.copies.values()]
     assert all(t.is_alive() for t in threads)
     del tables
     gc.collect()
