@@ -468,8 +468,8 @@ def bench_pipeline(bc, device):
           f"{1e3 * sum(stalls) / len(stalls):.2f}, at most {1e3 * max(stalls):.2f}); arithmetic a GPU runs, here on "
           f"the CPU: {ms(arithmetic / n):.1f} ms")
     copies = ("" if per.get("copy_in_seconds") is None else
-              f"; copy engines (waits of bytes / {bc.copy_gbps:g} GB/s) in {copy_ms['in']:.1f} ms, "
-              f"out {copy_ms['out']:.1f} ms")
+              f"; copy engines (waits of bytes / {bc.copy_gbps:g} GB/s) in {copy_ms['in']:.1f} ms (with its waits "
+              f"for write-backs), out {copy_ms['out']:.1f} ms")
     issued = f" (views {worker_ms - issue_ms:.1f} + issuing at {bc.copy_issue_us:g} us each {issue_ms:.1f})" if cpu else ""
     print(f"worker: queueing {n_copies:.0f} row copies {worker_ms:.1f} ms{issued}" + copies)
     print(f"pipeline: main thread {main_ms:.1f} ms per micro-batch, worker {worker_ms:.1f} ms, "

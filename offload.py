@@ -17,22 +17,23 @@ stem.ResidentTables and torch.optim.AdamW.
 
 Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
   1. Training thread: the LFU plan (numpy, sub-millisecond): hits keep their slots, each
-     miss takes the least-frequent slot no batch in flight holds; the evicted row must go
-     back to the host first (training). The plan is queued for the worker; nothing waits.
-  2. Worker thread: queues, on the copy queue, one copy per row and tensor: the evicted
-     rows from their slots straight into their host rows, then the missing rows from their
-     host rows straight into their slots. In training the host tables are page-locked, so
-     on CUDA these are DMA transfers: the CPU only issues them (a few microseconds each)
-     and never passes over the rows' bytes (a row of one tensor is 23 x 2816 x 4 B =
-     253 KiB at 350M). Inference tables are not pinned: they may be a mapped checkpoint,
-     which pinning would read whole; their few rows a token are copied from pageable memory.
-  3. Copy queue: a side CUDA stream that starts after the compute queued before the plan;
-     copies run in the order queued, so a row written back is on the host before any later
-     copy reads it, and an evicted row leaves its slot before a new row fills it. The
-     batch's lookup makes the compute stream wait for its copies' event.
-Without CUDA the copy queue is a thread, with the same order and events, so the waits
+     miss takes a slot no batch in flight holds (a cached one if it is hotter than the
+     coldest cached row, else the transient slot freed longest ago); the row it displaces
+     must go back to the host first (training). The plan is queued for the worker.
+  2. Worker thread: queues one copy per row and tensor: on the "out" copy queue the
+     displaced rows from their slots straight into their host rows, on the "in" queue the
+     missing rows from their host rows straight into their slots. In training the host
+     tables are page-locked, so on CUDA these are DMA transfers: the CPU only issues them
+     (a few microseconds each) and never passes over the rows' bytes (a row of one tensor
+     is 23 x 2816 x 4 B = 253 KiB at 350M). Inference tables are not pinned: they may be
+     a mapped checkpoint, which pinning would read whole; a token needs few rows.
+  3. Copy queues: two side CUDA streams (the two directions of PCIe have an engine each)
+     that start after the compute queued before the plan. The loads wait for the
+     write-backs holding one of their slots or ids (numbered groups: one wait per batch),
+     and the batch's lookup makes the compute stream wait for its loads.
+Without CUDA each copy queue is a thread, with the same order and events, so the waits
 between threads are exercised on the CPU (tests inject random delays to prove them needed);
-the copy stream's wait for earlier compute exists only on CUDA (CPU compute has run).
+the copy streams' wait for earlier compute exists only on CUDA (CPU compute has run).
 """
 
 import collections
@@ -59,9 +60,11 @@ class LFUCache:
     anywhere is a hit (also a transient one still in flight: reading it from the host
     would miss the update its batch is about to make). A miss is admitted when its
     frequency beats the least-frequent cached slot that no batch in flight holds (an
-    empty slot always loses); otherwise it borrows the transient slot freed longest ago
-    (its row's way back is then long done), freed (and, in training, written back) when
-    its last batch releases it. Frequencies count tokens."""
+    empty slot always loses); otherwise it borrows a transient slot. A transient row no
+    batch holds any more stays in its slot, a hit for any later batch, until a miss takes
+    the slot: the one freed longest ago first (empty ones before), so the rows that stay
+    are the latest used. A row leaves the device (written back first, in training) only
+    when a miss takes its slot, cached or transient. Frequencies count tokens."""
 
     def __init__(self, vocab_size, n_cached, n_transient):
         self.n_cached = n_cached
@@ -75,8 +78,9 @@ class LFUCache:
 
     def plan(self, unique_ids, counts):
         """Slots for unique_ids (U,) that occur counts (U,) times. Returns (slots,
-        miss_ids, miss_slots, evicted_ids, evicted_slots), numpy int64; evicted rows must
-        be written back (in training) before miss rows overwrite their slots."""
+        miss_ids, miss_slots, evicted_ids, evicted_slots), numpy int64; evicted rows (the
+        rows of the slots misses take) must be written back (in training) before miss rows
+        overwrite their slots."""
         self.freq[unique_ids] += counts
         slots = self.slot_of_id[unique_ids].copy()
         hit = slots >= 0
@@ -91,7 +95,7 @@ class LFUCache:
         order = np.argsort(victim_freq, kind="stable")[:len(miss_ids)]
         victims, victim_freq = free[order], victim_freq[order]
         n_admit = int(np.argmin(np.append(self.freq[miss_ids[:len(victims)]] > victim_freq, False)))
-        transient_free = np.flatnonzero(self.id_of_slot[self.n_cached:] < 0)
+        transient_free = np.flatnonzero(self.locks[self.n_cached:] == 0)      # empty, or released rows
         transient_free = self.n_cached + transient_free[np.argsort(self.freed_at[transient_free], kind="stable")]
         n_transient = len(miss_ids) - n_admit
         if n_transient > len(transient_free):
@@ -101,8 +105,8 @@ class LFUCache:
                              f"{len(self.id_of_slot) - self.n_cached} transient slots free); raise "
                              f"--table_transient_rows")
         miss_slots = np.concatenate([victims[:n_admit], transient_free[:n_transient]])
-        evicted_ids = self.id_of_slot[victims[:n_admit]]
-        evicted_slots = victims[:n_admit][evicted_ids >= 0]
+        evicted_ids = self.id_of_slot[miss_slots]
+        evicted_slots = miss_slots[evicted_ids >= 0]
         evicted_ids = evicted_ids[evicted_ids >= 0]
         self.slot_of_id[evicted_ids] = -1
         self.slot_of_id[miss_ids] = miss_slots
@@ -115,16 +119,12 @@ class LFUCache:
         return slots, miss_ids, miss_slots, evicted_ids, evicted_slots
 
     def release(self, slots):
-        """A batch is done with its slots. Returns (ids, slots) of transient rows no batch
-        holds any more: they leave the device (written back first, in training)."""
+        """A batch is done with its slots: a transient slot no batch holds is free for a
+        miss (its row stays readable until then)."""
         self.locks[slots] -= 1
         done = slots[(slots >= self.n_cached) & (self.locks[slots] == 0)]
-        ids = self.id_of_slot[done]
-        self.slot_of_id[ids] = -1
-        self.id_of_slot[done] = -1
         self.releases += 1
         self.freed_at[done - self.n_cached] = self.releases
-        return ids, done
 
 
 class RowGather(torch.autograd.Function):
@@ -208,12 +208,12 @@ class SparseTables(nn.Module):
     of batches in flight that the cache did not admit (enough for the unique ids of one
     optimiser step and the batch prefetched beside it; plan.py measures that).
 
-    Three threads share the offloaded work. The training thread plans (LFU bookkeeping,
-    numpy) and queues; the worker (a Lane) queues the copies of rows between the host
-    tables (pinned) and the device pool; the copy queue runs them in order. Nothing waits
-    but a lookup, whose compute waits for its batch's copies (on the CPU the training
-    thread waits). `delay` injects random delays into the worker and (without CUDA) the
-    copy queue, for tests."""
+    The training thread plans (LFU bookkeeping, numpy) and queues; the worker (a Lane)
+    queues the copies of rows between the host tables (pinned) and the device pool; two
+    copy queues run them, out and in. The training thread waits only at a lookup, whose
+    compute waits for its batch's loads (on the CPU the thread itself waits); the in queue
+    waits for the write-backs its loads depend on. `delay` injects random delays into the
+    worker and (without CUDA) the copy queues, for tests."""
 
     def __init__(self, weight, device, cache_rows=None, transient_rows=0, training=True,
                  dtype=torch.float32, optimizer=None, delay=None, take_weight=False, copy_rate=None):
@@ -274,7 +274,6 @@ class SparseTables(nn.Module):
         self.prepared = collections.deque()         # plans of batches prepared, in order, not yet looked up
         self.flushed = False                        # the host tables (resident: the pool) are complete and current
         self.in_flight = []                         # plans looked up, awaiting step() / release()
-        self.leaving = []                           # (ids, slots) released, their write-back not yet queued
         if self.offloaded:
             # the number of the last write-back group of each id and slot (training thread);
             # the worker's marks of groups not yet waited for, and the last one waited for
@@ -322,42 +321,31 @@ class SparseTables(nn.Module):
         return {"slots": slots, "n": len(ids), "moved": moved}
 
     def _queue_move(self, out_ids, out_slots, in_ids, in_slots):
-        """Queue the worker's _move of these rows and the write-back of the rows released
-        since the last move, in two numbered groups: the evicted rows with the released rows
-        whose id or slot the incoming rows need, then the other released rows (a step
-        releases many at once). The loads wait for the latest group holding one of their
-        ids or slots. Returns the move's Done, or None when nothing moves."""
-        leaving_ids, leaving_slots = (np.concatenate([pair[k] for pair in self.leaving] + [out_ids[:0]])
-                                      for k in (0, 1))
-        self.leaving = []
-        needed = np.isin(leaving_ids, in_ids) | np.isin(leaving_slots, in_slots)
-        first_ids = np.concatenate([out_ids, leaving_ids[needed]])
-        first_slots = np.concatenate([out_slots, leaving_slots[needed]])
-        later = [(leaving_ids[~needed], leaving_slots[~needed])]
-        groups = []
-        for ids, slots in [(first_ids, first_slots)] + later:
-            if len(ids) or not groups:              # the first group is there even when empty
-                number = self.write_backs = self.write_backs + (len(ids) > 0)
-                self.written_back[0][ids], self.written_back[1][slots] = number, number
-                groups.append((ids, slots, number if len(ids) else 0))
-        if not (len(in_ids) or any(len(ids) for ids, _, _ in groups)):
+        """Queue the worker's _move of these rows: the write-back of the rows going out (a
+        numbered group) and the loads, which wait for the latest group holding one of their
+        ids or slots (this one, whose slots they fill, or an earlier one still on its way
+        back). Returns the move's Done, or None when nothing moves."""
+        if not (len(out_ids) or len(in_ids)):
             return None
         self.flushed = False                    # rows are on the move: a flush (or write_rows) must drain
+        if len(out_ids):
+            self.write_backs += 1
+            self.written_back[0][out_ids], self.written_back[1][out_slots] = self.write_backs, self.write_backs
         need = max(self.written_back[0][in_ids].max(), self.written_back[1][in_slots].max()) if len(in_ids) else 0
-        moved = self.worker.submit(functools.partial(self._move, self._compute_event(), groups, in_ids, in_slots,
+        moved = self.worker.submit(functools.partial(self._move, self._compute_event(), out_ids, out_slots,
+                                                     self.write_backs if len(out_ids) else 0, in_ids, in_slots,
                                                      int(need)))
         self.bytes_h2d += len(in_ids) * self.row_bytes * len(self.names)
-        self.bytes_d2h += sum(len(ids) for ids, _, _ in groups) * self.row_bytes * len(self.names)
+        self.bytes_d2h += len(out_ids) * self.row_bytes * len(self.names)
         return moved
 
     # -- the worker thread: copies queued in order -------------------------------------
 
-    def _move(self, compute_event, groups, in_ids, in_slots, need):
-        """On the "out" queue, the rows of each group (ids, slots, number) go back from their
-        slots to their host rows, each group marked when done; on the "in" queue, once group
-        `need` is done, host rows in_ids come into in_slots. One copy per row and tensor,
-        issued first group, loads, other groups. Returns the event after which the incoming
-        rows are in the pool (None if none come)."""
+    def _move(self, compute_event, out_ids, out_slots, group, in_ids, in_slots, need):
+        """On the "out" queue, rows at out_slots go back to their host rows out_ids (write-back
+        group `group`, marked when done); on the "in" queue, once group `need` is done, host
+        rows in_ids come into in_slots. One copy per row and tensor. Returns the event after
+        which the incoming rows are in the pool (None if none come)."""
         for queue in self.copies.values():
             queue.wait_for(compute_event)     # slots are read (out) or overwritten (in) after that compute
         host, pool = self.rows["host"], self.rows["pool"]
@@ -370,28 +358,20 @@ class SparseTables(nn.Module):
             if destinations:
                 queue.run(functools.partial(torch._foreach_copy_, destinations, sources, non_blocking=True),
                           len(destinations) * self.row_bytes)
-
-        def write_back(ids, slots, number):
-            copies(self.copies["out"], views(host, ids), views(pool, slots))
-            if len(ids):
-                self.landed[number] = self.copies["out"].mark()
-        write_back(*groups[0])
+        if group:
+            copies(self.copies["out"], views(host, out_ids), views(pool, out_slots))
+            self.landed[group] = self.copies["out"].mark()
         if need > self.waited_for:          # in-queue order keeps every earlier group waited for
             self.copies["in"].wait_for(self.landed[need])
             self.waited_for = need
             self.landed = {number: event for number, event in self.landed.items() if number > need}
         copies(self.copies["in"], views(pool, in_slots), views(host, in_ids))
-        ready = self.copies["in"].mark() if len(in_ids) else None
-        for group in groups[1:]:
-            write_back(*group)
-        return ready
+        return self.copies["in"].mark() if len(in_ids) else None
 
     def _drain(self):
         """Wait until every queued copy and write-back is done: host and pool agree."""
         if not self.offloaded:
             return
-        if self.leaving:
-            self._queue_move(*[np.zeros(0, dtype=np.int64)] * 4)
         self.worker.submit(lambda: [queue.mark().synchronize() for queue in self.copies.values()]).result()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -456,7 +436,8 @@ class SparseTables(nn.Module):
         return rows["weight"]
 
     def release(self):
-        """The batches looked up are done: unlock their slots; transient rows leave."""
+        """The batches looked up are done: unlock their slots (their transient rows stay
+        until misses take their slots)."""
         plans, self.in_flight = self.in_flight, []
         self._release(plans)
 
@@ -465,9 +446,7 @@ class SparseTables(nn.Module):
             return
         start = time.perf_counter()
         for plan in plans:
-            ids, slots = self.cache.release(plan["slots"])
-            if self.training_tables and len(ids):
-                self.leaving.append((ids, slots))        # written back with the next move
+            self.cache.release(plan["slots"])
         self.clock["plan"] += time.perf_counter() - start
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import offload
 import stem
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
-VOCAB, N_STEM, D_FF = 48, 2, 8
+VOCAB, N_STEM, D_FF = 1000, 2, 8
 
 
 @pytest.fixture(autouse=True)
@@ -65,16 +65,17 @@ def run(steps, accum=2, delay=None, seed=0, device="cpu"):
 def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
     """2000 optimiser steps with seeded random delays before every worker job and every
     copy: the offloaded tables end bit for bit where resident ones do, and the run did hit
-    the race the write-back wait guards (a row read from the host while its write-back,
-    on the other copy queue, had not yet run)."""
-    raced, leaving = [], {}            # id -> a mark reached once its latest write-back has run
+    the race the write-back wait guards across batches (a row read from the host while
+    its write-back, on the other copy queue, had not yet run)."""
+    raced, leaving = [], {}     # ("id"|"slot", n) -> a mark reached once its latest write-back has run
     original = offload.SparseTables._move
 
-    def watching(self, compute_event, groups, in_ids, in_slots, need):
-        raced.append(any(i in leaving and not leaving[i].is_set() for i in in_ids.tolist()))
-        ready = original(self, compute_event, groups, in_ids, in_slots, need)
+    def watching(self, compute_event, out_ids, out_slots, group, in_ids, in_slots, need):
+        needed = [("id", i) for i in in_ids.tolist()]          # (slots are refilled in every move: not a race)
+        raced.append(any(key in leaving and not leaving[key].is_set() for key in needed))
+        ready = original(self, compute_event, out_ids, out_slots, group, in_ids, in_slots, need)
         mark = self.copies["out"].mark()
-        leaving.update((i, mark) for ids, _, _ in groups for i in ids.tolist())
+        leaving.update({("id", i): mark for i in out_ids.tolist()})
         return ready
     monkeypatch.setattr(offload.SparseTables, "_move", watching)
     resident, offloaded, tables = run(2000, delay=(7, 2e-4))
@@ -94,7 +95,7 @@ def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
     def without_wait(self, *args):
         return original(self, *args[:-1], 0)          # need = 0: wait for no write-back
     monkeypatch.setattr(offload.SparseTables, "_move", without_wait)
-    resident, offloaded, _ = run(300, delay=(7, 2e-4))
+    resident, offloaded, _ = run(2000, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
 
