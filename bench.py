@@ -360,10 +360,13 @@ def bench_cache(bc):
         print(f"\n{name}: batch {B}x{T if name == 'train' else 1}; unique/total tokens per batch {unique / tokens:.3f}; "
               f"bytes per step without dedup {tokens / len(stream) * row_bytes / 2**20:.1f} MiB, with dedup "
               f"{unique / len(stream) * row_bytes / 2**20:.1f} MiB ({100 * (1 - unique / tokens):.1f}% less)")
+        # transient slots as plan.py sizes them for one batch in flight (they keep recent rows too)
+        n_transient = plan.with_margin(max(len(np.unique(ids)) for ids in stream), vocab_size)
+        print(f"transient slots {n_transient}")
         print(f"{'cache':>8}{'rows':>8}{'token hit':>11}{'unique hit':>12}{'H2D MiB/step':>14}")
         for fraction in (float(f) for f in bc.cache_fractions.split(",")):
             n_cached = max(1, int(fraction * vocab_size))
-            t = lfu_replay(stream, vocab_size, n_cached, min(B * T, vocab_size))
+            t = lfu_replay(stream, vocab_size, n_cached, n_transient)
             steps = len(stream) - len(stream) // 2
             print(f"{100 * fraction:>7.0f}%{n_cached:>8}{t['token_hits'] / t['tokens']:>11.3f}"
                   f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
