@@ -123,9 +123,15 @@ class CopyQueue:
         else:
             self.stream.wait_event(event)
 
+    def _reached(self):
+        """A mark's job: fails if a copy before it failed, so the batch waiting for the
+        mark learns of it."""
+        if self.lane.error is not None:
+            raise self.lane.error
+
     def mark(self):
         if self.lane is not None:
-            done = self.lane.submit(lambda: None)
+            done = self.lane.submit(self._reached)
             if self.copy_rate is not None:
                 self.log.append(("mark", done))
             return done

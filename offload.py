@@ -18,7 +18,7 @@ stem.ResidentTables and torch.optim.AdamW.
 Offloaded, per batch (`prepare`, ids known on the CPU one batch before it runs):
   1. Training thread: the LFU plan (numpy, sub-millisecond): hits keep their slots, each
      miss takes a slot no batch in flight holds (a cached one if it is hotter than the
-     coldest cached row, else the transient slot freed longest ago); the row it displaces
+     coldest unlocked cached row, else the transient slot freed longest ago); the row it displaces
      must go back to the host first (training). The plan is queued for the worker.
   2. Worker thread: queues one copy per row and tensor: on the "out" copy queue the
      displaced rows from their slots straight into their host rows, on the "in" queue the
@@ -100,6 +100,7 @@ class LFUCache:
         n_transient = len(miss_ids) - n_admit
         if n_transient > len(transient_free):
             self.locks[slots[hit]] -= 1
+            self.freq[unique_ids] -= counts
             raise UsageError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
                              f"batches in flight ({n_transient} not admitted, {len(transient_free)} of "
                              f"{len(self.id_of_slot) - self.n_cached} transient slots free); raise "
@@ -210,8 +211,9 @@ class SparseTables(nn.Module):
 
     The training thread plans (LFU bookkeeping, numpy) and queues; the worker (a Lane)
     queues the copies of rows between the host tables (pinned) and the device pool; two
-    copy queues run them, out and in. The training thread waits only at a lookup, whose
-    compute waits for its batch's loads (on the CPU the thread itself waits); the in queue
+    copy queues run them, out and in. In training the training thread waits only at a
+    lookup, whose compute waits for its batch's loads (on the CPU the thread itself waits),
+    and where host and device must agree (evaluation, checkpoints, edits); the in queue
     waits for the write-backs its loads depend on. `delay` injects random delays into the
     worker and (without CUDA) the copy queues, for tests."""
 
@@ -514,9 +516,12 @@ class SparseTables(nn.Module):
         if self.prepared or self.in_flight:
             raise RuntimeError("load_tensors with batches prepared or in flight: their plans would point at "
                                "slots the new cache treats as free")
-        self._drain()
-        self.flushed = False
         target = self.host if self.offloaded else self.pool
+        if set(target) - set(state):    # the device copies are forgotten below: the rest keeps their state
+            self.flush()
+        else:
+            self._drain()
+        self.flushed = False
         for name, value in state.items():
             if name in target:
                 target[name].copy_(value)

@@ -569,16 +569,38 @@ def test_eval_lookup_between_backward_and_step_keeps_the_table_update():
 def test_load_tensors_after_training_is_not_overwritten_by_pending_write_backs():
     torch.manual_seed(0)
     w0 = torch.randn(10, 2, 4)
-    tables = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=8)
-    # 1 and 2 take the cached slots, 3 and 4 transient ones; after the step the transient
-    # rows leave the device (their write-back is queued)
-    tables.lookup(torch.tensor([1, 2, 3, 4])).sum().backward()
-    tables.step(0.1)
+    tables = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=2)
+    # 1 and 2 take the cached slots, 3 and 4 the transient ones; then 5 and 6 (no hotter
+    # than 1 and 2) take the transient slots, and 3 and 4 leave (their write-back is queued)
+    for ids in ([1, 2, 3, 4], [5, 6]):
+        tables.lookup(torch.tensor(ids)).sum().backward()
+        tables.step(0.1)
+    assert tables.stats()["evictions"] == 2
     new = {"weight": torch.randn(10, 2, 4), "exp_avg": torch.rand(10, 2, 4), "exp_avg_sq": torch.rand(10, 2, 4)}
     tables.load_tensors(new)
     out = tables.tensors()
     for name in new:
         assert torch.equal(out[name], new[name]), name
+
+
+def test_loading_weights_alone_keeps_the_moments_of_rows_on_the_device():
+    """load_tensors({"weight": ...}) forgets the device copies: the moments of rows still
+    on the device must reach the host first (a resident twin says what they are)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(10, 2, 4)
+    resident = offload.SparseTables(w0, "cpu")
+    offloaded = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=4)
+    for tables in (resident, offloaded):
+        for ids in ([1, 2, 3, 4], [1, 5]):
+            tables.lookup(torch.tensor(ids)).sum().backward()
+            tables.step(0.1)
+    w = torch.randn(10, 2, 4)
+    offloaded.load_tensors({"weight": w})
+    out, expected = offloaded.tensors(), resident.tensors()
+    assert torch.equal(out["weight"], w)
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.count_nonzero(expected[name]) > 0
+        assert torch.equal(out[name], expected[name]), name
 
 
 # -- 8: on a GPU ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The offloaded tables' asynchronous pipeline (worker thread, copy queue) under random
+"""The offloaded tables' asynchronous pipeline (worker thread, two copy queues) under random
 delays: it must give the resident tables' bits, and each wait must be needed."""
 
 import numpy as np
@@ -105,6 +105,17 @@ def test_without_the_lookups_wait_the_run_diverges(monkeypatch):
     monkeypatch.setattr(offload.SparseTables, "_compute_waits", lambda self, event: None)
     resident, offloaded, _ = run(300, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
+
+
+def test_a_failed_copy_stops_the_batch_that_needs_it(monkeypatch):
+    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+
+    def broken(*args, **kwargs):
+        raise OSError("copy failed")
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    tables.prepare(stem.RowIndex.of(torch.tensor([1, 2])))
+    with pytest.raises(OSError, match="copy failed"):
+        tables.lookup(torch.tensor([1, 2]))
 
 
 def test_a_worker_error_reaches_the_training_thread(monkeypatch):
