@@ -448,7 +448,7 @@ def bench_pipeline(bc, device):
     worker_ms, gpu_ms = ms(per["worker_seconds"], False) + issue_ms, ms(gpu_seconds, False)
     copy_ms = {way: ms(per[f"copy_{way}_seconds"]) if per.get(f"copy_{way}_seconds") is not None else 0.0
                for way in ("in", "out")}
-    # The worker and the copy engine have one GPU micro-batch to ready the next one's rows,
+    # The worker and the copy engines have one GPU micro-batch to ready the next one's rows,
     # but this CPU's slower arithmetic gives them more (then no wait shows here). So the
     # copies queued are also replayed on a GPU's timeline, and the larger wait counts.
     stalls = [0.0]

@@ -55,10 +55,10 @@ from lazy_adamw import LazyAdamW
 class LFUCache:
     """Which token id sits in which device slot: CPU bookkeeping, vectorised with numpy.
 
-    Slots [0, n_cached) are the LFU cache; slots [n_cached, n_cached + n_transient) hold,
-    for the batches in flight only, the rows of misses that were not admitted. An id held
-    anywhere is a hit (also a transient one still in flight: reading it from the host
-    would miss the update its batch is about to make). A miss is admitted when its
+    Slots [0, n_cached) are the LFU cache; slots [n_cached, n_cached + n_transient) hold
+    the rows of misses that were not admitted. An id held anywhere is a hit (also a
+    transient one still in flight: reading it from the host would miss the update its
+    batch is about to make). A miss is admitted when its
     frequency beats the least-frequent cached slot that no batch in flight holds (an
     empty slot always loses); otherwise it borrows a transient slot. A transient row no
     batch holds any more stays in its slot, a hit for any later batch, until a miss takes
@@ -236,7 +236,7 @@ class SparseTables(nn.Module):
         self.allocated = {name: weight.detach() if adopt and name == "host.weight" else
                         torch.empty(shape, dtype=dt, device=self.device if place == "device" else "cpu")
                         for name, (shape, dt, place) in layout.items()}
-        self.names = ("weight", "exp_avg", "exp_avg_sq") if training else ("weight",)
+        self.names = tuple(name.removeprefix("pool.") for name in layout if name.startswith("pool."))
         self.pool = {name: self.allocated[f"pool.{name}"] for name in self.names}
         self.grad_pool = self.allocated.get("grad_pool")
         if self.offloaded:
@@ -566,7 +566,7 @@ class SparseTables(nn.Module):
     def stats(self):
         """Tokens requested, unique ids, unique misses, hit rates, bytes moved, and seconds:
         the training thread's planning (and queueing) and waiting, the worker's (queueing
-        copies), the copy queue's (CPU: the copies themselves)."""
+        copies), each copy queue's (CPU: the copies themselves, and the in queue's waits)."""
         s = dict(self.cache.stats) if self.cache is not None else {}
         if s:
             s["token_hit_rate"] = s["token_hits"] / max(1, s["tokens"])

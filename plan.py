@@ -288,7 +288,7 @@ def plan_run(tc, config, device, dtype):
     p.add("device", "buffers (RoPE, ...)", sum(b.numel() * b.element_size() for b in model.buffers()))
 
     # the tables: exactly what will be allocated
-    host_tables, n_slots = 0, V
+    n_slots = V
     if table is not None and not sparse:
         p.add("device", f"table weights {tuple(table.shape)} (dense AdamW, fp32)", table_bytes)
         p.add("device", "table gradient (dense, fp32)", table_bytes)
@@ -306,7 +306,6 @@ def plan_run(tc, config, device, dtype):
             p.add("device" if place == "device" else "host",
                   f"{what}{' pinned' if place == 'pinned' else ''} ({shape[0]} rows, {str(dt).replace('torch.', '')})",
                   nbytes(shape, dt))
-            host_tables += nbytes(shape, dt) if place != "device" else 0
         if offloaded:
             n_slots = min(cache_rows, V) + transient
             n_views = (V + n_slots) * 3                   # a view per row of weights and moments, host and pool
