@@ -239,12 +239,16 @@ class SparseTables(nn.Module):
         self.names = tuple(name.removeprefix("pool.") for name in layout if name.startswith("pool."))
         self.pool = {name: self.allocated[f"pool.{name}"] for name in self.names}
         self.grad_pool = self.allocated.get("grad_pool")
+        # one view per row of each tensor, made once (ROW_VIEW_BYTES each), as a view costs
+        # ~2.5 us to make: a move copies rows by them, and the lazy step updates rows in place by them
+        self.rows = {}
+        if training:
+            self.rows["pool"] = {name: tensor.unbind(0) for name, tensor in self.pool.items()}
+            self.rows["pool"]["grad"] = self.grad_pool.unbind(0)
         if self.offloaded:
             self.host = {name: self.allocated[f"host.{name}"] for name in self.names}
-            # one view per row of each tensor, made once (ROW_VIEW_BYTES each): a move then
-            # copies rows without making views, which would cost ~2.5 us of the worker's time a row
-            self.rows = {place: {name: tensors[name].unbind(0) for name in self.names}
-                         for place, tensors in (("host", self.host), ("pool", self.pool))}
+            self.rows["host"] = {name: tensor.unbind(0) for name, tensor in self.host.items()}
+            self.rows.setdefault("pool", {name: tensor.unbind(0) for name, tensor in self.pool.items()})
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
             # copies to the device and back run on queues of their own (the two directions of
             # PCIe, two copy engines), each with its own sequence of delays
@@ -465,15 +469,16 @@ class SparseTables(nn.Module):
             # must not depend on the cache layout, or resident and offloaded runs drift apart
             slots = slots[np.argsort(self.cache.id_of_slot[slots])]
         self.clock["plan"] += time.perf_counter() - start
-        slots_dev = _on(self.device, slots)
-        grad = self.grad_pool.index_select(0, slots_dev)                        # (K, n_stem, d_ff)
-        norm = grad.norm()
+        # the touched rows where they lie: K views per tensor, no gather and no scatter back
+        rows = {name: [views[slot] for slot in slots.tolist()] for name, views in self.rows["pool"].items()}
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(rows["grad"])))   # of the (K, n_stem, d_ff) gradient
         if max_norm > 0:
-            grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        ids = _on(self.device, self.cache.id_of_slot[slots]) if self.offloaded else slots_dev
-        self.optimizer.update(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots_dev, grad, lr,
-                              ids)
-        self.grad_pool.index_fill_(0, slots_dev, 0)
+            torch._foreach_mul_(rows["grad"], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        ids = None
+        if self.optimizer.catch_up_mode:
+            ids = _on(self.device, self.cache.id_of_slot[slots] if self.offloaded else slots)
+        self.optimizer.update(rows["weight"], rows["exp_avg"], rows["exp_avg_sq"], rows["grad"], lr, ids)
+        torch._foreach_zero_(rows["grad"])
         self.release()
         return norm
 

@@ -308,8 +308,12 @@ def plan_run(tc, config, device, dtype):
                   nbytes(shape, dt))
         if offloaded:
             n_slots = min(cache_rows, V) + transient
-            n_views = (V + n_slots) * 3                   # a view per row of weights and moments, host and pool
-            p.add("host", f"row views for the copies ({n_views} tensor objects)", n_views * offload.ROW_VIEW_BYTES)
+        # a view per row of the pool's weights, moments and gradient (the lazy step's), and of the
+        # host's weights and moments (the copies')
+        n_views = n_slots * 4 + (V * 3 if offloaded else 0)
+        p.add("host", f"row views for the lazy step{' and the copies' if offloaded else ''} ({n_views} tensor objects)",
+              n_views * offload.ROW_VIEW_BYTES)
+        if offloaded:
             p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "
                            f"{tc.table_cache_fraction}) + {transient} transient "
                            + ("(table_transient_rows)" if tc.table_transient_rows else

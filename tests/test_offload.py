@@ -262,7 +262,9 @@ def test_lazy_adamw_follows_torch_adamw_on_touched_rows_and_freezes_the_rest():
         slots = torch.cat([torch.tensor([0]), others]).sort().values
         grad = torch.randn(len(slots), *shape, generator=g)
         before = [t.clone() for t in (weight, exp_avg, exp_avg_sq)]
-        lazy.update(weight, exp_avg, exp_avg_sq, slots, grad.clone(), lr)
+        # row views, as SparseTables passes them: updated in place
+        lazy.update(*([t[i] for i in slots.tolist()] for t in (weight, exp_avg, exp_avg_sq)),
+                    list(grad.clone().unbind(0)), lr)
 
         untouched = [i for i in range(n_rows) if i not in slots.tolist()]
         for now, was in zip((weight, exp_avg, exp_avg_sq), before):
