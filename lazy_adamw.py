@@ -12,8 +12,8 @@ import torch
 
 
 class LazyAdamW:
-    """AdamW restricted to given rows: torch's own fused AdamW kernel run on the gathered
-    rows, so that a row touched at every step follows dense AdamW exactly. Bias correction
+    """AdamW restricted to given rows: torch's own fused AdamW kernel run on the rows in
+    place, so that a row touched at every step follows dense AdamW exactly. Bias correction
     uses the global step.
 
     catch_up=None: untouched rows do not move (no decay, no moment decay) - lazy AdamW.
