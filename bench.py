@@ -14,7 +14,8 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
 train/decode: batches are synthetic token ids drawn from a Zipf distribution (natural text
 is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. The
 runners are timed in alternating rounds so that drift of a shared machine hits them alike;
-the reported time is the median step (CUDA events on a GPU). Offloaded tables prefetch
+the reported time is the median step (CUDA events on a GPU); on the CPU, --processes=N repeats
+it in N fresh processes and reports the median ratio. Offloaded tables prefetch
 batch i+1 while batch i runs, as train.py does.
 cache: no model; the LFU bookkeeping of offload.py replayed on a dataset's training batch
 stream and on a decoding stream (B sequences, one token each per step), per cache size.
@@ -79,6 +80,9 @@ class BenchConfig:
     dtype: str = knob("auto", choices=configurator.DTYPES)
     compile: bool = False
     catchup: bool = False                       # train: also time resident tables with adamw_catchup
+    processes: int = knob(1, ge=1)              # train on the CPU: repeat the whole timing in this many fresh
+                                                # processes and report the median ratio (a process's speed
+                                                # depends on where its memory landed on a shared VM)
     grad_accum_steps: int = knob(4, ge=1)       # pipeline: micro-batches per optimiser step (as stem_350m.py)
     micro_batches: int = knob(48, ge=1)         # pipeline: timed micro-batches (after `warmup` steps)
     layers: int = knob(0, ge=0)                 # pipeline: STEM layers held (0: as many as fit in half the free memory)
@@ -270,6 +274,35 @@ def bench_train(bc, device, dtype):
         print(f"catch-up (adamw_catchup) vs lazy AdamW, both resident: {times['catchup'] / times['resident']:.3f}x "
               f"the step time")
     return runners
+
+
+def _train_ratios(bc):
+    """One fresh process's bench_train: each model's (median step / dense median step)."""
+    device, dtype = configurator.resolve_device(bc.device, bc.dtype)
+    runners = bench_train(bc, device, dtype)
+    dense_time = statistics.median(runners[0].times)
+    return {r.name: statistics.median(r.times) / dense_time for r in runners}
+
+
+def bench_train_processes(bc):
+    """bench_train in bc.processes fresh processes, one after another; prints each model's
+    median time ratio over them, with the range. Returns {name: [ratio per process]}."""
+    import concurrent.futures
+    import dataclasses
+    import multiprocessing
+    one = dataclasses.replace(bc, processes=1)
+    ratios = {}
+    for k in range(bc.processes):
+        print(f"process {k + 1} of {bc.processes}", flush=True)
+        # spawn: a fresh interpreter, heap and OpenMP pool for every repeat (fork would inherit ours)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for name, ratio in pool.submit(_train_ratios, one).result().items():
+                ratios.setdefault(name, []).append(ratio)
+    print(f"time ratio vs dense over {bc.processes} processes: median (min - max)")
+    for name, values in ratios.items():
+        print(f"{name:<24}{statistics.median(values):>7.3f}  ({min(values):.3f} - {max(values):.3f})  "
+              + " ".join(f"{v:.3f}" for v in values))
+    return ratios
 
 
 def summarize(runner):
@@ -624,6 +657,10 @@ def main(argv=None):
     try:
         bc = BenchConfig(**configurator.parse_overrides(argv, BenchConfig))
         device, dtype = configurator.resolve_device(bc.device, bc.dtype)
+        if bc.mode == "train" and bc.processes > 1:
+            if device != "cpu":
+                raise UsageError("processes > 1 is for the CPU (a GPU run times one model at a time already)")
+            return bench_train_processes(bc)
         if bc.mode == "train":
             return bench_train(bc, device, dtype)
         if bc.mode == "decode":

@@ -3,6 +3,7 @@ names, and the cache replay against a direct count."""
 
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -83,6 +84,24 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
                           "--batch_size=2", "--device=cpu"])
     assert set(results) == {"resident", "offload"}
     assert "offloaded tokens identical to resident: True" in capsys.readouterr().out
+
+
+def test_train_mode_in_fresh_processes_reports_the_median_of_their_ratios(capsys):
+    ratios = bench.main(["--mode=train", "--steps=1", "--rounds=1", "--warmup=1", "--batch_size=2",
+                         "--device=cpu", "--tables=resident", "--processes=3"])
+    out = capsys.readouterr().out
+    assert list(ratios) == ["dense", "stem-full adamw", "stem-full resident"]
+    assert all(len(values) == 3 for values in ratios.values())
+    assert ratios["dense"] == [1.0, 1.0, 1.0]
+    # the summary line is the median of the per-process ratios that each process's table printed
+    printed = [float(line.split()[-3]) for line in out.splitlines()     # the per-process table rows
+               if line.startswith("stem-full resident ") and len(line.split()) == 10]
+    assert len(printed) == 3
+    assert [round(v, 3) for v in ratios["stem-full resident"]] == printed
+    summary = next(line for line in out.splitlines() if line.startswith("stem-full resident") and "(" in line)
+    assert float(summary.split()[2]) == round(statistics.median(printed), 3)
+    with pytest.raises(SystemExit, match="'processes' must be >= 1"):
+        bench.main(["--mode=train", "--processes=0"])
 
 
 def test_copy_engine_stalls_replay_a_gpu_timeline():
