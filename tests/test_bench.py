@@ -86,10 +86,11 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
     assert "offloaded tokens identical to resident: True" in capsys.readouterr().out
 
 
-def test_train_mode_in_fresh_processes_reports_the_median_of_their_ratios(capsys):
+def test_train_mode_in_fresh_processes_reports_the_median_of_their_ratios(capfd):
+    # capfd, not capsys: the spawned processes write to the file descriptor they inherit
     ratios = bench.main(["--mode=train", "--steps=1", "--rounds=1", "--warmup=1", "--batch_size=2",
                          "--device=cpu", "--tables=resident", "--processes=3"])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert list(ratios) == ["dense", "stem-full adamw", "stem-full resident"]
     assert all(len(values) == 3 for values in ratios.values())
     assert ratios["dense"] == [1.0, 1.0, 1.0]
