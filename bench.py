@@ -81,8 +81,8 @@ class BenchConfig:
     compile: bool = False
     catchup: bool = False                       # train: also time resident tables with adamw_catchup
     processes: int = knob(1, ge=1)              # train on the CPU: repeat the whole timing in this many fresh
-                                                # processes and report the median ratio (a process's speed
-                                                # depends on where its memory landed on a shared VM)
+                                                # processes and report the median ratio (on a shared VM a
+                                                # process's speed varies by more than the code's effect)
     grad_accum_steps: int = knob(4, ge=1)       # pipeline: micro-batches per optimiser step (as stem_350m.py)
     micro_batches: int = knob(48, ge=1)         # pipeline: timed micro-batches (after `warmup` steps)
     layers: int = knob(0, ge=0)                 # pipeline: STEM layers held (0: as many as fit in half the free memory)
