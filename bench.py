@@ -23,14 +23,16 @@ compare: train.py runs, one per variant, with the same data, seed, batches and n
 steps; the table has final val loss, FLOPs/token, parameters, tokens/s and loss spikes.
 """
 
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -287,10 +289,7 @@ def _train_ratios(bc):
 def bench_train_processes(bc):
     """bench_train in bc.processes fresh processes, one after another; prints each model's
     median time ratio over them, with the range. Returns {name: [ratio per process]}."""
-    import concurrent.futures
-    import dataclasses
-    import multiprocessing
-    one = dataclasses.replace(bc, processes=1)
+    one = replace(bc, processes=1)
     ratios = {}
     for k in range(bc.processes):
         print(f"process {k + 1} of {bc.processes}", flush=True)

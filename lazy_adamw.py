@@ -65,12 +65,11 @@ class LazyAdamW:
         per row: torch's fused kernel runs over the rows where they lie, instead of on a
         gathered copy that would be scattered back (6 passes over the rows saved). ids:
         the rows' token ids (catch-up keeps the step of each id)."""
-        if weights:
-            self.step = self.step.to(weights[0].device)
         self.step += 1
         self._steps += 1
-        # every row is at the global step: one step tensor, read for each row (the kernel only reads it)
         if weights:
+            # every row is at the global step: one step tensor, read for each row (the kernel only reads it)
+            self.step = self.step.to(weights[0].device)
             torch._fused_adamw_(weights, grads, exp_avgs, exp_avg_sqs, [], [self.step] * len(weights), lr=lr,
                                 beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay, eps=self.eps,
                                 amsgrad=False, maximize=False)

@@ -242,13 +242,13 @@ class SparseTables(nn.Module):
         # one view per row of each tensor, made once (ROW_VIEW_BYTES each), as a view costs
         # ~2.5 us to make: a move copies rows by them, and the lazy step updates rows in place by them
         self.rows = {}
-        if training:
+        if training or self.offloaded:
             self.rows["pool"] = {name: tensor.unbind(0) for name, tensor in self.pool.items()}
+        if training:
             self.rows["pool"]["grad"] = self.grad_pool.unbind(0)
         if self.offloaded:
             self.host = {name: self.allocated[f"host.{name}"] for name in self.names}
             self.rows["host"] = {name: tensor.unbind(0) for name, tensor in self.host.items()}
-            self.rows.setdefault("pool", {name: tensor.unbind(0) for name, tensor in self.pool.items()})
             self.cache = LFUCache(vocab_size, min(cache_rows, vocab_size), transient_rows)
             # copies to the device and back run on queues of their own (the two directions of
             # PCIe, two copy engines), each with its own sequence of delays
@@ -470,7 +470,8 @@ class SparseTables(nn.Module):
             slots = slots[np.argsort(self.cache.id_of_slot[slots])]
         self.clock["plan"] += time.perf_counter() - start
         # the touched rows where they lie: K views per tensor, no gather and no scatter back
-        rows = {name: [views[slot] for slot in slots.tolist()] for name, views in self.rows["pool"].items()}
+        slot_list = slots.tolist()
+        rows = {name: [views[slot] for slot in slot_list] for name, views in self.rows["pool"].items()}
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(rows["grad"])))   # of the (K, n_stem, d_ff) gradient
         if max_norm > 0:
             torch._foreach_mul_(rows["grad"], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
