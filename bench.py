@@ -139,6 +139,7 @@ class Runner:
         self.ctx = configurator.autocast_context(device, dtype)
         self.device = device
         self.times, self.peak_memory = [], 0
+        self.rounds = []        # (mid-time of the round, its median step): the drift correction's samples
 
     def batch(self, window):
         """The device batch of a (B, T+1) window, with its row index as train.py's loader makes it."""
@@ -181,6 +182,28 @@ def time_steps(runner, windows):
     return out
 
 
+def time_round(runner, windows):
+    """time_steps, also kept as one round: its median step at the middle of its wall time."""
+    start = time.perf_counter()
+    times = time_steps(runner, windows)
+    runner.rounds.append(((start + time.perf_counter()) / 2, statistics.median(times)))
+    runner.times += times
+
+
+def drift_corrected_ratio(rounds, dense_rounds):
+    """A model's step time over the dense model's, with the machine's drift taken out.
+    The speed of a shared CPU drifts by more than the effects measured, and alternating
+    rounds only spread the drift, so each round of the model is set against the dense step
+    time at the same moment: linearly interpolated between the dense rounds just before and
+    just after it (a drift linear over that span cancels). Returns the median over rounds.
+    rounds, dense_rounds: [(time, median step seconds)]; dense rounds bracket every round."""
+    ratios = []
+    for t, step in rounds:
+        (t0, d0), (t1, d1) = next((a, b) for a, b in zip(dense_rounds, dense_rounds[1:]) if a[0] <= t <= b[0])
+        ratios.append(step / (d0 + (d1 - d0) * (t - t0) / (t1 - t0)))
+    return statistics.median(ratios)
+
+
 def table_kinds(bc):
     return ["resident", "offload"] if bc.tables == "both" else [bc.tables]
 
@@ -220,9 +243,11 @@ def bench_train(bc, device, dtype):
             time_steps(runner, warmup)            # allocator, caches
         for batches in rounds:
             for runner in runners:
-                runner.times += time_steps(runner, batches)
+                time_round(runner, batches)
+        time_round(runners[0], rounds[-1])        # a last dense round: every other round lies between two
         for runner in runners:
             runner.summary = summarize(runner)
+            runner.ratio = drift_corrected_ratio(runner.rounds, runners[0].rounds) if runner is not runners[0] else 1.0
     else:
         # one at a time on a GPU (the 350M twins need not fit together), each with its own peak memory
         for name, config, tables in specs:
@@ -231,6 +256,7 @@ def bench_train(bc, device, dtype):
             torch.cuda.reset_peak_memory_stats()
             for batches in rounds:
                 runner.times += time_steps(runner, batches)
+            runner.ratio = statistics.median(runner.times) / statistics.median(runners[0].times) if runners else 1.0
             runner.peak_memory = torch.cuda.max_memory_allocated()
             runners.append(runner)
             runner.summary = summarize(runner)
@@ -238,12 +264,14 @@ def bench_train(bc, device, dtype):
             torch.cuda.empty_cache()
 
     tokens_per_step = bc.batch_size * block_size
-    dense_time = statistics.median(runners[0].times)
     dense_flops = runners[0].summary["flops"]
     uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / tokens_per_step for b in make(10)]
     print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), "
           f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps, "
           f"unique/total tokens per batch {np.mean(uniques):.3f}")
+    if not cuda:
+        print(f"time ratio: median over the {bc.rounds} rounds of the round's median step / the dense model's "
+              f"at that moment (interpolated between the dense rounds around it)")
     print(f"{'model':<24}{'total':>10}{'active':>10}{'MFLOP/tok':>11}{'flop ratio':>11}"
           f"{'tokens/s':>12}{'time ratio':>11}{'MFU':>8}{'peak GiB':>10}")
     for runner in runners:
@@ -252,7 +280,7 @@ def bench_train(bc, device, dtype):
         tokens_per_sec = tokens_per_step / median
         mfu = 3 * s["flops"] * tokens_per_sec / s["peak_flops"] if s["peak_flops"] else None
         print(f"{runner.name:<24}{s['total'] / 1e6:>9.1f}M{s['active'] / 1e6:>9.1f}M{s['flops'] / 1e6:>11.1f}"
-              f"{s['flops'] / dense_flops:>11.3f}{tokens_per_sec:>12,.0f}{median / dense_time:>11.3f}"
+              f"{s['flops'] / dense_flops:>11.3f}{tokens_per_sec:>12,.0f}{runner.ratio:>11.3f}"
               f"{'-' if mfu is None else f'{100 * mfu:.1f}%':>8}"
               f"{f'{runner.peak_memory / 2**30:.1f}' if cuda else '-':>10}")
     times = {r.name.split()[-1]: statistics.median(r.times) for r in runners}
@@ -273,17 +301,16 @@ def bench_train(bc, device, dtype):
                       f"{100 * (1 - min(1.0, exposed / copy_time)) if copy_time else 100:.0f}% hidden "
                       f"(1 - step-time difference / copy time)")
     if "catchup" in times and "resident" in times:
-        print(f"catch-up (adamw_catchup) vs lazy AdamW, both resident: {times['catchup'] / times['resident']:.3f}x "
+        ratios = {r.name.split()[-1]: r.ratio for r in runners}
+        print(f"catch-up (adamw_catchup) vs lazy AdamW, both resident: {ratios['catchup'] / ratios['resident']:.3f}x "
               f"the step time")
     return runners
 
 
 def _train_ratios(bc):
-    """One fresh process's bench_train: each model's (median step / dense median step)."""
+    """One fresh process's bench_train: each model's time ratio against the dense model."""
     device, dtype = configurator.resolve_device(bc.device, bc.dtype)
-    runners = bench_train(bc, device, dtype)
-    dense_time = statistics.median(runners[0].times)
-    return {r.name: statistics.median(r.times) / dense_time for r in runners}
+    return {r.name: r.ratio for r in bench_train(bc, device, dtype)}
 
 
 def bench_train_processes(bc):

@@ -86,6 +86,19 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
     assert "offloaded tokens identical to resident: True" in capsys.readouterr().out
 
 
+def test_drift_corrected_ratio_cancels_a_linear_drift_and_ignores_a_burst():
+    slowdown = lambda t: 1 + 0.04 * t                  # the machine slows by 4% a second
+    dense = [(t, 2.0 * slowdown(t)) for t in (0.0, 10.0, 20.0, 30.0)]     # the last dense round closes the run
+    model = [(t, 1.8 * slowdown(t)) for t in (5.0, 12.5, 27.0)]         # truly 0.9 of the dense step
+    assert bench.drift_corrected_ratio(model, dense) == pytest.approx(0.9, rel=1e-12)
+    # medians of all steps against each other keep the drift in
+    naive = statistics.median(s for _, s in model) / statistics.median(s for _, s in dense)
+    assert abs(naive - 0.9) > 0.05
+    # a round that ran during a burst of neighbours' load is one sample of three: the median drops it
+    model[1] = (12.5, 1.8 * slowdown(12.5) * 1.5)
+    assert bench.drift_corrected_ratio(model, dense) == pytest.approx(0.9, rel=1e-12)
+
+
 def test_train_mode_in_fresh_processes_reports_the_median_of_their_ratios(capfd):
     # capfd, not capsys: the spawned processes write to the file descriptor they inherit
     ratios = bench.main(["--mode=train", "--steps=1", "--rounds=1", "--warmup=1", "--batch_size=2",
