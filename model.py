@@ -166,12 +166,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
-        qkv = self.qkv(x)                                                   # (B, T, C + 2 kv_dim)
+        # split, not two slices: the backward of a split is one cat, a slice's is a zero-filled
+        # (B, T, C + 2 kv_dim) gradient per slice, added together
+        qk, v = self.qkv(x).split([C + kv_dim, kv_dim], dim=-1)            # (B, T, C + kv_dim), (B, T, kv_dim)
         # rotate q's and k's heads in one pass: they sit side by side in qkv
-        qk = qkv[..., :C + kv_dim].view(B, T, self.n_head + self.n_kv_head, self.head_dim)
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim)
         q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)
         # q: (B, H, T, hd), k: (B, Hkv, T, hd)
-        v = qkv[..., C + kv_dim:].view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(pos, k, v)                                 # (B, Hkv, pos+T, hd)
         if self.n_kv_head != self.n_head:
