@@ -75,6 +75,12 @@ def test_cache_replay_counts_hits_directly():
 def test_train_and_decode_modes_run_on_cpu(capsys):
     runners = bench.main(["--mode=train", "--steps=1", "--rounds=1", "--warmup=1", "--batch_size=2", "--device=cpu"])
     assert [r.name for r in runners] == ["dense", "stem-full adamw", "stem-full resident", "stem-full offload"]
+    # the dense model's last round closes the run: every other model's round lies between two of
+    # dense's, and its ratio is set against them
+    dense_times = [t for t, _ in runners[0].rounds]
+    assert len(dense_times) == 2 and all(dense_times[0] < r.rounds[0][0] < dense_times[1] for r in runners[1:])
+    assert runners[0].ratio == 1.0
+    assert runners[2].ratio == bench.drift_corrected_ratio(runners[2].rounds, runners[0].rounds)
     # resident and offloaded lazy-AdamW runners saw the same batches: the same tables after
     # (to float tolerance: Adam turns last-bit differences into ~1e-6 ones within two steps)
     tables = [r.raw_model.tables.tensors()["weight"] for r in runners[2:]]
