@@ -13,12 +13,13 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
 
 train/decode: batches are synthetic token ids drawn from a Zipf distribution (natural text
 is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. The
+On the CPU the
 runners are timed in alternating rounds, with one more dense round at the end; a model's time
 ratio is the median over rounds of its median step over the dense model's at the same moment
-(interpolated between the dense rounds before and after it), so that the drift of a shared
-machine cancels. On a GPU the models run one after another: median step over median step (CUDA
-events). On the CPU, --processes=N repeats it all in N fresh processes and reports the median
-ratio. Offloaded tables prefetch batch i+1 while batch i runs, as train.py does.
+(interpolated between the dense rounds before and after it), so that a drift of the shared
+machine's speed that is linear between two dense rounds cancels. --processes=N repeats it all
+in N fresh processes and reports the median ratio. On a GPU the models run one after another:
+median step over median step (CUDA events). Offloaded tables prefetch batch i+1 while batch i runs, as train.py does.
 cache: no model; the LFU bookkeeping of offload.py replayed on a dataset's training batch
 stream and on a decoding stream (B sequences, one token each per step), per cache size.
 compare: train.py runs, one per variant, with the same data, seed, batches and number of
@@ -201,7 +202,10 @@ def drift_corrected_ratio(rounds, dense_rounds):
     rounds, dense_rounds: [(time, median step seconds)]; dense rounds bracket every round."""
     ratios = []
     for t, step in rounds:
-        (t0, d0), (t1, d1) = next((a, b) for a, b in zip(dense_rounds, dense_rounds[1:]) if a[0] <= t <= b[0])
+        bracket = next(((a, b) for a, b in zip(dense_rounds, dense_rounds[1:]) if a[0] <= t <= b[0]), None)
+        if bracket is None:
+            raise ValueError(f"a round at t={t:.1f} s has no dense round before and after it")
+        (t0, d0), (t1, d1) = bracket
         ratios.append(step / (d0 + (d1 - d0) * (t - t0) / (t1 - t0)))
     return statistics.median(ratios)
 
@@ -239,7 +243,7 @@ def bench_train(bc, device, dtype):
     cuda = device.startswith("cuda")
     runners = []
     if not cuda:
-        # all models at once, timed in alternating rounds: drift of a shared CPU hits them alike
+        # all models at once, timed in alternating rounds; drift_corrected_ratio takes out the drift
         runners = [Runner(name, config, bc, device, dtype, tables) for name, config, tables in specs]
         for runner in runners:
             time_steps(runner, warmup)            # allocator, caches
@@ -269,7 +273,8 @@ def bench_train(bc, device, dtype):
     dense_flops = runners[0].summary["flops"]
     uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / tokens_per_step for b in make(10)]
     print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), "
-          f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps, "
+          f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps"
+          f"{'' if cuda else ' (dense: one more round)'}, "
           f"unique/total tokens per batch {np.mean(uniques):.3f}")
     if not cuda:
         print(f"time ratio: median over the {bc.rounds} rounds of the round's median step / the dense model's "
@@ -305,7 +310,7 @@ def bench_train(bc, device, dtype):
     if "catchup" in times and "resident" in times:
         ratios = {r.name.split()[-1]: r.ratio for r in runners}
         print(f"catch-up (adamw_catchup) vs lazy AdamW, both resident: {ratios['catchup'] / ratios['resident']:.3f}x "
-              f"the step time")
+              f"the step time (the ratio of their time ratios)")
     return runners
 
 

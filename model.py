@@ -167,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         # split, not two slices: the backward of a split is one cat, a slice's is a zero-filled
-        # (B, T, C + 2 kv_dim) gradient per slice, added together
+        # (B, T, C + 2 kv_dim) gradient per slice, added together (the same values)
         qk, v = self.qkv(x).split([C + kv_dim, kv_dim], dim=-1)            # (B, T, C + kv_dim), (B, T, kv_dim)
         # rotate q's and k's heads in one pass: they sit side by side in qkv
         qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_dim)

@@ -73,12 +73,13 @@ def test_cache_replay_counts_hits_directly():
 
 
 def test_train_and_decode_modes_run_on_cpu(capsys):
-    runners = bench.main(["--mode=train", "--steps=1", "--rounds=1", "--warmup=1", "--batch_size=2", "--device=cpu"])
+    runners = bench.main(["--mode=train", "--steps=1", "--rounds=2", "--warmup=1", "--batch_size=2", "--device=cpu"])
     assert [r.name for r in runners] == ["dense", "stem-full adamw", "stem-full resident", "stem-full offload"]
     # the dense model's last round closes the run: every other model's round lies between two of
     # dense's, and its ratio is set against them
     dense_times = [t for t, _ in runners[0].rounds]
-    assert len(dense_times) == 2 and all(dense_times[0] < r.rounds[0][0] < dense_times[1] for r in runners[1:])
+    assert len(dense_times) == 3 and all(len(r.rounds) == 2 for r in runners[1:])
+    assert all(dense_times[k] < r.rounds[k][0] < dense_times[k + 1] for r in runners[1:] for k in range(2))
     assert runners[0].ratio == 1.0
     assert runners[2].ratio == bench.drift_corrected_ratio(runners[2].rounds, runners[0].rounds)
     # resident and offloaded lazy-AdamW runners saw the same batches: the same tables after
@@ -92,7 +93,7 @@ def test_train_and_decode_modes_run_on_cpu(capsys):
     assert "offloaded tokens identical to resident: True" in capsys.readouterr().out
 
 
-def test_drift_corrected_ratio_cancels_a_linear_drift_and_ignores_a_burst():
+def test_drift_corrected_ratio_cancels_a_linear_drift_and_ignores_a_burst_in_one_model_round():
     slowdown = lambda t: 1 + 0.04 * t                  # the machine slows by 4% a second
     dense = [(t, 2.0 * slowdown(t)) for t in (0.0, 10.0, 20.0, 30.0)]     # the last dense round closes the run
     model = [(t, 1.8 * slowdown(t)) for t in (5.0, 12.5, 27.0)]         # truly 0.9 of the dense step
@@ -103,6 +104,8 @@ def test_drift_corrected_ratio_cancels_a_linear_drift_and_ignores_a_burst():
     # a round that ran during a burst of neighbours' load is one sample of three: the median drops it
     model[1] = (12.5, 1.8 * slowdown(12.5) * 1.5)
     assert bench.drift_corrected_ratio(model, dense) == pytest.approx(0.9, rel=1e-12)
+    with pytest.raises(ValueError, match="no dense round before and after"):
+        bench.drift_corrected_ratio([(31.0, 2.0)], dense)
 
 
 def test_train_mode_in_fresh_processes_reports_the_median_of_their_ratios(capfd):
