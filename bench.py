@@ -12,14 +12,14 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
                                                      # top-2 MoE on the same tokens; results table + plot
 
 train/decode: batches are synthetic token ids drawn from a Zipf distribution (natural text
-is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. The
-On the CPU the
-runners are timed in alternating rounds, with one more dense round at the end; a model's time
-ratio is the median over rounds of its median step over the dense model's at the same moment
-(interpolated between the dense rounds before and after it), so that a drift of the shared
-machine's speed that is linear between two dense rounds cancels. --processes=N repeats it all
-in N fresh processes and reports the median ratio. On a GPU the models run one after another:
-median step over median step (CUDA events). Offloaded tables prefetch batch i+1 while batch i runs, as train.py does.
+is roughly Zipfian), so the dedup and the cache see a realistic number of unique ids. On the
+CPU the runners are timed in alternating rounds, with one more dense round at the end; a
+model's time ratio is the median over rounds of its median step over the dense model's at the
+same moment (interpolated between the dense rounds before and after it), so that a drift of the
+shared machine's speed that is linear between two dense rounds cancels. --processes=N repeats
+it all in N fresh processes and reports the median ratio. On a GPU the models run one after
+another: median step over median step (CUDA events). Offloaded tables prefetch batch i+1 while
+batch i runs, as train.py does.
 cache: no model; the LFU bookkeeping of offload.py replayed on a dataset's training batch
 stream and on a decoding stream (B sequences, one token each per step), per cache size.
 compare: train.py runs, one per variant, with the same data, seed, batches and number of
