@@ -18,18 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import configurator
-import sample
+import data
 from configurator import UsageError, knob
 
 
 @dataclass
 class AnalysisConfig:
-    out_dir: str = "out-facts"      # the STEM checkpoint
-    dense_out_dir: str = ""         # its dense twin (optional)
-    dataset: str = "facts"          # whose val split gives the ids and the text
-    max_rows: int = knob(2000, ge=2)
-    seed: int = 0
+    out_dir: str = knob("out-facts", help="the STEM checkpoint (its folder or the file)")
+    dense_out_dir: str = knob("", help="its dense twin (optional), trained with --ffn=dense")
+    dataset: str = knob("facts", help="whose val split gives the ids and the text")
+    max_rows: int = knob(2000, ge=2, help="table rows sampled (ids seen in val)")
+    seed: int = knob(0, ge=0, help="the draws of rows, pairs and windows")
 
     def __post_init__(self):
         configurator.check(self)
@@ -74,11 +75,11 @@ def dense_up_projection_stats(dense, tokens, layers, seed):
 
 
 def analyze(ac):
-    model, _ = sample.load_checkpoint(ac.out_dir, need_tokenizer=False)
-    meta = configurator.load_meta(ac.dataset)
+    model, _ = checkpoint.load_model(ac.out_dir, need_tokenizer=False)
+    meta = data.load_meta(ac.dataset)
     if model.tables is None:
         raise UsageError(f"{ac.out_dir} is a dense model; --out_dir takes a STEM checkpoint")
-    val = np.memmap(os.path.join(configurator.data_dir_of(ac.dataset), "val.bin"), dtype=meta["dtype"], mode="r")
+    val = data.tokens(ac.dataset, "val", meta["dtype"])
     tokens = torch.from_numpy(np.asarray(val[: 200_000]).astype(np.int64))
     if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
         raise UsageError(f"dataset '{ac.dataset}' has token ids beyond the model's vocabulary "
@@ -92,7 +93,7 @@ def analyze(ac):
     stem_layers = model.config.stem_layer_ids
     dense_stats = {}
     if ac.dense_out_dir:
-        dense, _ = sample.load_checkpoint(ac.dense_out_dir, need_tokenizer=False)
+        dense, _ = checkpoint.load_model(ac.dense_out_dir, need_tokenizer=False)
         if dense.config.ffn != "dense":
             raise UsageError(f"--dense_out_dir={ac.dense_out_dir} is not a dense model")
         dense_stats = dense_up_projection_stats(dense, tokens, [i for i in stem_layers if i < dense.config.n_layer],
@@ -139,7 +140,7 @@ def plot(ac, rows, distinct, lengths, with_dense):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return analyze(AnalysisConfig(**configurator.parse_overrides(argv, AnalysisConfig)))
+        return analyze(AnalysisConfig(**configurator.parse(argv, AnalysisConfig, doc=__doc__)))
     except UsageError as e:
         sys.exit(f"error: {e}")
 

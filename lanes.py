@@ -1,96 +1,75 @@
 """
-The threads of the offload pipeline (offload.SparseTables): a Lane runs functions in order
-on a thread of its own, a CopyQueue orders host <-> device copies (a side CUDA stream, or a
-Lane standing in for the copy engine without CUDA, with the same events), and pin()
-page-locks exactly the host memory that copies read or write.
+The threads of the offload pipeline (offload.OffloadedRows): a Lane runs functions in order
+on a thread of its own (a one-thread concurrent.futures executor), a CopyQueue orders host
+<-> device copies (a side CUDA stream, or a Lane standing in for the copy engine without
+CUDA, with the same events), and pin() page-locks exactly the host memory that copies read
+or write.
 """
 
-import atexit
 import functools
-import queue
+import itertools
 import random
-import threading
 import time
-import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 
-class Done(threading.Event):
-    """A job's completion, with its result (or its exception, raised by result())."""
-    value = error = None
-
-    def result(self):
-        self.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-    synchronize, query = result, threading.Event.is_set     # the CUDA event's interface
+def wait(event):
+    """Block until a copy queue's mark is reached: a CUDA event, or a Lane's future (whose
+    error, if its job failed, is raised here)."""
+    if isinstance(event, Future):
+        event.result()
+    else:
+        event.synchronize()
 
 
 class Lane:
-    """Functions run one after another on a daemon thread (torch releases the GIL in its
-    kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
+    """Functions run one after another on a thread of their own (torch releases the GIL in
+    its kernels, so they overlap the training thread). delay=(seed, max_seconds) sleeps a
     seeded random time before each function: tests use it to shake out missing waits.
     busy: the seconds spent running functions. The first error of any function is kept and
     raised by every later submit(): a failed copy never passes unnoticed."""
 
-    def __init__(self, name, delay=None):
-        self.jobs, self.busy, self.error = queue.SimpleQueue(), 0.0, None
-        rng = random.Random(delay[0]) if delay else None
-        self.thread = threading.Thread(target=self._serve, args=(rng, delay[1] if delay else 0.0), name=name,
-                                       daemon=True)
-        self.thread.start()
-        _open_lanes.add(self)
+    numbers = itertools.count()
 
-    def _serve(self, rng, max_delay):
+    def __init__(self, name, delay=None):
+        self.name = f"{name} {next(Lane.numbers)}"      # its thread's name
         # OpenMP keeps its thread count per calling thread and a new thread does not get the
-        # training thread's: without this the lane's torch work (the CPU's copies) runs slower
-        torch.set_num_threads(torch.get_num_threads())
-        while (job := self.jobs.get())[0] is not None:
-            fn, done = job
-            if rng is not None:
-                time.sleep(rng.uniform(0, max_delay))
-            start = time.perf_counter()
-            try:
-                done.value = fn()
-            except BaseException as e:          # raised where the job's result is read, and by later submits
-                done.error = e
-                self.error = self.error or e
-            self.busy += time.perf_counter() - start
-            done.set()
-            del job, fn, done     # a finished job must not keep its owner alive while the lane waits
+        # training thread's: without it the lane's torch work (the CPU's copies) runs slower
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=self.name, initializer=torch.set_num_threads,
+                                           initargs=(torch.get_num_threads(),))
+        self.rng, self.max_delay = (random.Random(delay[0]), delay[1]) if delay else (None, 0.0)
+        self.busy, self.error = 0.0, None
 
     def submit(self, fn):
-        """Queue fn; returns its Done."""
+        """Queue fn; returns its future."""
         if self.error is not None:
             raise self.error
-        done = Done()
-        self.jobs.put((fn, done))
-        return done
+        return self.executor.submit(self._run, fn)
+
+    def _run(self, fn):
+        if self.rng is not None:
+            time.sleep(self.rng.uniform(0, self.max_delay))
+        start = time.perf_counter()
+        try:
+            return fn()
+        except BaseException as e:          # raised where the job's result is read, and by later submits
+            self.error = self.error or e
+            raise
+        finally:
+            self.busy += time.perf_counter() - start
 
     def close(self):
-        self.jobs.put((None, None))
-
-
-_open_lanes = weakref.WeakSet()
-
-
-@atexit.register
-def _close_lanes():
-    """Let every lane finish before the interpreter tears torch down (a thread still inside
-    torch then aborts the process)."""
-    for lane in list(_open_lanes):
-        lane.close()
-        lane.thread.join(timeout=10)
+        """The thread ends once the jobs queued have run."""
+        self.executor.shutdown(wait=False)
 
 
 class CopyQueue:
     """Host <-> device copies in the order they are queued: a side CUDA stream, or without
     CUDA a Lane standing in for the copy engine (same order, same events). run(fn, nbytes)
     queues the copies fn makes; mark() returns an event reached once they are done.
-    copy_rate (bytes/s, CPU only, for bench.py): the stand-in does not copy but takes
+    copy_rate (bytes/s, CPU only, for simulate.py): the stand-in does not copy but takes
     nbytes / copy_rate, as a DMA engine would, leaving this machine's cores to the worker;
     `log` then lists what was queued, in order: nbytes of each run, ("mark", event) for
     each mark, ("wait", event) for each wait for another queue's mark."""
@@ -117,7 +96,7 @@ class CopyQueue:
         if event is None:
             return
         if self.lane is not None:
-            self.lane.submit(event.synchronize)
+            self.lane.submit(functools.partial(wait, event))
             if self.copy_rate is not None:
                 self.log.append(("wait", event))
         else:

@@ -3,7 +3,7 @@ Lazy AdamW for the STEM tables: AdamW applied only to the rows a step touched, a
 catch-up variant, which applies a row's skipped steps when the row is next read, so that
 lazy training equals dense AdamW (the paper's optimiser) to float tolerance.
 
-offload.SparseTables runs it on the rows of its pool, resident or offloaded alike.
+tables.LazyTables runs it on the rows of its pool, resident or offloaded alike.
 """
 
 import math

@@ -15,7 +15,7 @@ slice through an inverse index.
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -25,36 +25,32 @@ import configurator
 import moe
 import stem
 from configurator import UsageError, knob
+from moe import MoEConfig
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = knob(64, ge=1)            # context length
-    vocab_size: int = knob(2048, ge=1)          # train.py sets it from the dataset's meta.json
-    n_layer: int = knob(4, ge=1)
-    n_head: int = knob(4, ge=1)
-    n_kv_head: int = knob(0, ge=0)              # 0 means n_head (plain multi-head); fewer = grouped-query
-    n_embd: int = knob(128, ge=2)
-    d_ff: int = knob(0, ge=0)                   # 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64
-    dropout: float = knob(0.0, ge=0, lt=1)
-    tie_embeddings: bool = False
-    rope_theta: float = knob(10000.0, gt=0)
-    ffn: str = knob("stem", choices=("dense", "stem") + moe.FAMILIES)  # a moe.py baseline: moe | expert_choice | hash_moe | mot
-    stem_layers: str = "full"   # which layers get the sparse FFN (STEM or a baseline): none | third |
-                                # half | full | explicit list "1,3,5"; layer 0 stays dense
-    stem_variant: str = knob("up", choices=stem.VARIANTS)   # up (the paper's STEM) | gate | up+table (ablations)
-    # the moe.py baselines (ffn=moe|expert_choice|hash_moe|mot); see moe.py
-    n_experts: int = knob(8, ge=1)
-    moe_top_k: int = knob(1, ge=1)
-    expert_d_ff: int = knob(0, ge=0)            # 0 means d_ff; smaller with more experts = fine-grained experts
-    n_shared_experts: int = knob(0, ge=0)
-    capacity_factor: float = knob(0.0, ge=0)    # 0: no capacity limit (no dropped tokens)
-    router_noise: float = knob(0.0, ge=0)
-    balance_loss_coef: float = knob(0.01, ge=0)
-    z_loss_coef: float = knob(0.0, ge=0)
-    hash_assignment: str = knob("random", choices=("random", "balanced"))  # balanced: by training-token frequency
+    block_size: int = knob(64, ge=1, help="context length in tokens", section="model (model.GPTConfig)")
+    vocab_size: int = knob(2048, ge=1, help="train.py sets it from the dataset's meta.json unless given")
+    n_layer: int = knob(4, ge=1, help="transformer blocks")
+    n_head: int = knob(4, ge=1, help="attention heads")
+    n_kv_head: int = knob(0, ge=0, help="key/value heads: 0 means n_head (plain multi-head), fewer is grouped-query")
+    n_embd: int = knob(128, ge=2, help="model width")
+    d_ff: int = knob(0, ge=0, help="FFN hidden size; 0 means SwiGLU's 8/3 * n_embd rounded up to a multiple of 64")
+    dropout: float = knob(0.0, ge=0, lt=1, help="dropout on the embeddings and in attention")
+    tie_embeddings: bool = knob(False, help="share the input embedding and the output head")
+    rope_theta: float = knob(10000.0, gt=0, help="RoPE base")
+    ffn: str = knob("stem", choices=("dense", "stem") + moe.FAMILIES,
+                    help="the FFN of the sparse layers: stem, dense everywhere, or a moe.py baseline")
+    stem_layers: str = knob("full", help="which layers get the sparse FFN (STEM or a baseline): none, third, "
+                                         "half, full, or a list such as 1,3,5; layer 0 stays dense")
+    stem_variant: str = knob("up", choices=stem.VARIANTS,
+                             help="up: the paper's STEM; gate, up+table: the paper's ablations")
+    moe: MoEConfig = field(default_factory=MoEConfig)    # the moe.py baselines' knobs
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         configurator.check(self)
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
@@ -73,6 +69,15 @@ class GPTConfig:
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.stem_layer_ids = self.sparse_layer_ids if self.ffn == "stem" else ()
+
+    @classmethod
+    def from_dict(cls, values):
+        """A GPTConfig from flat knobs (flags; the MoE ones go to its MoEConfig) or from the
+        nested dict of a checkpoint (dataclasses.asdict)."""
+        values = dict(values)
+        moe_names = {f.name for f in configurator.knobs(MoEConfig)}
+        moe_values = {**values.pop("moe", {}), **{k: values.pop(k) for k in list(values) if k in moe_names}}
+        return configurator.build(cls, **values, moe=configurator.build(MoEConfig, **moe_values))
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +257,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         # The tables of all STEM layers, one (vocab, n_stem, d_ff) tensor: a token's rows
         # for every layer sit together, so one gather per unique id serves all layers.
-        # None for a dense model. offload.py swaps this for a host-memory source.
+        # None for a dense model. training.build_tables may swap it for tables.LazyTables.
         n_stem = len(config.stem_layer_ids)
         self.tables = stem.ResidentTables(config.vocab_size, n_stem, config.d_ff) if n_stem else None
         self.register_buffer("rope_cos", None, persistent=False)
@@ -276,12 +281,19 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         # the STEM tables initialise themselves (Xavier-normal), see stem.ResidentTables
 
+    def prepare(self, row_index):
+        """Start bringing the table rows of a batch that runs later (row_index: its
+        stem.RowIndex); nothing to do for a dense model or resident tables."""
+        if self.tables is not None:
+            self.tables.prepare(row_index)
+
     def forward(self, idx, targets=None, row_index=None, cache=None, pos=0):
         """
         idx: (B, T) token ids. targets: (B, T) or None.
         row_index: a stem.RowIndex (unique ids + inverse) of idx computed by the caller, e.g.
           on the CPU by the data loader so that no torch.unique runs on the GPU; computed
-          here when None. cache/pos: KV caches (one per layer) and the position of idx[:, 0].
+          here when None. The table source finds the batch's prepared rows by it.
+          cache/pos: KV caches (one per layer) and the position of idx[:, 0].
         Returns (logits, loss); logits are (B, T, V) with targets, (B, 1, V) without.
         In training mode the loss includes the MoE auxiliary losses (self.aux has them
         apart); in eval mode it is the cross-entropy alone, comparable across families.
@@ -297,7 +309,7 @@ class GPT(nn.Module):
         if self.tables is not None:
             if row_index is None:
                 row_index = stem.RowIndex.of(idx)
-            rows = stem.StemRows(self.tables.lookup(row_index.unique_ids), row_index.inverse)
+            rows = stem.StemRows(self.tables.lookup(row_index), row_index.inverse)
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.drop(self.wte(idx))                                       # (B, T, C)
         stem_slot, layer_aux = 0, []
@@ -329,7 +341,7 @@ class GPT(nn.Module):
         (moe.params_per_layer). Tied embeddings count once."""
         total = sum(p.numel() for p in self.parameters())
         inactive = self.tables.numel() if self.tables is not None else 0
-        if self.tables is not None:     # offload.SparseTables holds its rows outside parameters()
+        if self.tables is not None:     # tables.LazyTables holds its rows outside parameters()
             total += inactive - sum(p.numel() for p in self.tables.parameters())
         if self.config.ffn in moe.FAMILIES:
             layer_total, layer_active = moe.params_per_layer(self.config.ffn, self.config)
@@ -432,12 +444,14 @@ def gpu_peak_flops(device_name=None):
 
 
 if __name__ == "__main__":
-    # python model.py config/stem_350m.py [--stem_layers=half ...]: sizes and FLOPs of a config
     import sys
+    HELP = """python model.py config/stem_350m.py [--stem_layers=half ...]: the parameters (total,
+    active) and forward FLOPs per token of a config, without allocating it."""
     argv = sys.argv[1:]
     try:
         # config files also set training keys: keep the model's
-        config = GPTConfig(**configurator.parse_overrides(argv, GPTConfig, files_set_other_keys=True))
+        config = GPTConfig.from_dict(configurator.parse(argv, GPTConfig, MoEConfig, doc=HELP,
+                                                        files_set_other_keys=True))
     except UsageError as e:
         sys.exit(f"error: {e}")
     with torch.device("meta"):      # count without allocating 3B-parameter tables

@@ -26,31 +26,46 @@ tensors and experts run as one bmm or as a short loop over experts, never over t
 
 import heapq
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import configurator
+from configurator import knob
+
 FAMILIES = ("moe", "expert_choice", "hash_moe", "mot")
 
-# The settings a layer reads from its config, with the value used when the config lacks
-# the attribute. capacity_factor 0 means no limit (expert choice reads it as 1.0).
-DEFAULTS = {
-    "n_experts": 8,
-    "moe_top_k": 1,
-    "expert_d_ff": 0,            # 0 means d_ff: each expert as large as the dense FFN
-    "n_shared_experts": 0,
-    "capacity_factor": 0.0,
-    "router_noise": 0.0,
-    "balance_loss_coef": 0.01,
-    "z_loss_coef": 0.0,
-    "hash_assignment": "random",
-    "seed": 0,
-}
+@dataclass
+class MoEConfig:
+    """The baselines' knobs (model.GPTConfig holds one as .moe)."""
+    n_experts: int = knob(8, ge=1, help="experts per MoE layer",
+                          section="MoE baselines (moe.MoEConfig; for --ffn=moe, expert_choice, hash_moe, mot)")
+    moe_top_k: int = knob(1, ge=1, help="experts per token (token choice), or k of expert choice's capacity")
+    expert_d_ff: int = knob(0, ge=0, help="an expert's hidden size; 0 means d_ff (fewer, with more experts: "
+                                          "fine-grained experts)")
+    n_shared_experts: int = knob(0, ge=0, help="experts every token uses (DeepSeekMoE)")
+    capacity_factor: float = knob(0.0, ge=0, help="token slots per expert as a multiple of the even share; "
+                                                  "0: no limit (no dropped tokens)")
+    router_noise: float = knob(0.0, ge=0, help="std of the router's noise in training (noisy top-k)")
+    balance_loss_coef: float = knob(0.01, ge=0, help="coefficient of the Switch load-balancing loss")
+    z_loss_coef: float = knob(0.0, ge=0, help="coefficient of the router z-loss")
+    hash_assignment: str = knob("random", choices=("random", "balanced"),
+                                help="Hash-MoE: a random expert per id, or balanced by training-token frequency")
+
+    def __post_init__(self):
+        configurator.check(self)
+
+
+# The value a layer uses when its config lacks a setting (tests build layers from plain
+# namespaces); seed: of the random hash assignment.
+DEFAULTS = {**{f.name: f.default for f in fields(MoEConfig)}, "seed": 0}
 
 
 def setting(config, name):
-    return getattr(config, name, DEFAULTS[name])
+    """A baseline's setting: from config.moe (a GPTConfig) or from config itself."""
+    return getattr(getattr(config, "moe", config), name, DEFAULTS[name])
 
 
 def expert_hidden_size(config):

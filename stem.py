@@ -6,10 +6,11 @@ STEM: the feed-forward layer whose up-projection is a table row looked up by tok
 
 U_l is a (vocab_size, d_ff) table of layer l. Rows reach the FFN through one narrow
 interface: the model asks a table source for the rows of the batch's unique token ids
-(`lookup(unique_ids) -> (U, n_stem, d_ff)`) and each layer expands its slice to the
-batch's positions through the inverse index. `ResidentTables` below is the source that
-keeps the tables as an ordinary parameter; offload.py provides one that keeps them in
-host memory. The FFN math never knows which one it talks to.
+(`lookup(row_index) -> (U, n_stem, d_ff)`, the rows of row_index.unique_ids) and each layer
+expands its slice to the batch's positions through the inverse index. `ResidentTables`
+below is the source that keeps the tables as an ordinary parameter trained by dense AdamW;
+tables.py has the one trained by lazy AdamW, its rows resident or in host memory
+(offload.py). The FFN math never knows which one it talks to.
 """
 
 import math
@@ -62,13 +63,16 @@ def check_ids(ids, vocab_size):
 @dataclass
 class RowIndex:
     """The dedup of a batch: unique_ids (U,) sorted, inverse (B, T) with
-    unique_ids[inverse] == idx, counts (U,) occurrences of each id (None if unknown).
-    Computed where the batch already is on the CPU.
+    unique_ids[inverse] == idx, both where the model runs; counts (U,) occurrences of each
+    id and host_ids (U,) the same ids, on the host (None if not known: a table source that
+    needs them copies unique_ids, a sync). Computed where the batch already is on the CPU.
+    A table source keys the plan of a batch's rows by its RowIndex (prepare, then lookup).
     U changes from batch to batch: every RowIndex marks it dynamic for torch.compile, so
     that a compiled model traces one graph for all U instead of recompiling per size."""
     unique_ids: torch.Tensor
     inverse: torch.Tensor
     counts: torch.Tensor = None
+    host_ids: torch.Tensor = None
 
     def __post_init__(self):
         if not torch.compiler.is_compiling():
@@ -80,11 +84,22 @@ class RowIndex:
     @torch.compiler.disable     # a data-dependent size: under compile it runs eagerly, outside the graph
     def of(idx):
         unique_ids, inverse, counts = torch.unique(idx, sorted=True, return_inverse=True, return_counts=True)
-        return RowIndex(unique_ids, inverse, counts)
+        on_host = unique_ids.device.type == "cpu"
+        return RowIndex(unique_ids, inverse, counts if on_host else None, unique_ids if on_host else None)
+
+    def pin_memory(self):
+        return RowIndex(self.unique_ids.pin_memory(), self.inverse.pin_memory(), self.counts, self.host_ids)
 
     def to(self, device, non_blocking=False):
+        """The ids and inverse on `device`; counts and host ids stay on the host."""
         return RowIndex(self.unique_ids.to(device, non_blocking=non_blocking),
-                        self.inverse.to(device, non_blocking=non_blocking), self.counts)
+                        self.inverse.to(device, non_blocking=non_blocking), self.counts, self.host_ids)
+
+    def ids_on_host(self):
+        """(host ids, counts) as numpy arrays; counts of 1 when unknown."""
+        ids = self.host_ids if self.host_ids is not None else self.unique_ids.cpu()
+        counts = self.counts if self.counts is not None else torch.ones_like(ids)
+        return ids.numpy(), counts.numpy()
 
 
 class StemRows:
@@ -103,12 +118,17 @@ class StemRows:
 
 
 class ResidentTables(nn.Module):
-    """All STEM tables as one parameter of shape (vocab_size, n_stem, d_ff).
-    Slice [:, k] is layer k's table U_k of shape (vocab_size, d_ff)."""
+    """All STEM tables as one parameter of shape (vocab_size, n_stem, d_ff), trained by
+    dense AdamW (the paper's optimiser: every row decays and moves every step).
+    Slice [:, k] is layer k's table U_k of shape (vocab_size, d_ff). The table-source
+    interface: prepare(row_index) (nothing to do: every row is here), lookup(row_index),
+    step(lr, max_norm), flush(); read_rows/write_rows for edits. `optimizer` (a
+    torch.optim.AdamW over `weight`) is set by whoever trains it (training.build_tables)."""
 
     def __init__(self, vocab_size, n_stem, d_ff):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, n_stem, d_ff))
+        self.optimizer = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -116,13 +136,37 @@ class ResidentTables(nn.Module):
         vocab_size, _, d_ff = self.weight.shape
         nn.init.normal_(self.weight, mean=0.0, std=math.sqrt(2.0 / (vocab_size + d_ff)))
 
-    def lookup(self, unique_ids):
-        """Rows of the given ids for every STEM layer: (U,) -> (U, n_stem, d_ff).
+    def prepare(self, row_index):
+        """Nothing to bring: every row is resident."""
+
+    def lookup(self, row_index):
+        """Rows of the batch's unique ids for every STEM layer: (U,) -> (U, n_stem, d_ff).
         Gathering unique ids once (instead of B*T rows per layer) is the dedup: the
         backward scatters U rows into the table's gradient, not B*T."""
         # index_select: a whole-row copy (several times faster than weight[unique_ids] on the
         # CPU), and its backward index_add_ is deterministic
-        return self.weight.index_select(0, unique_ids)                  # (U, n_stem, d_ff)
+        return self.weight.index_select(0, row_index.unique_ids)      # (U, n_stem, d_ff)
+
+    def step(self, lr, max_norm=0.0):
+        """Clip the table's gradient on its own norm, take an AdamW step, clear the
+        gradient. Returns the norm (a tensor), None if no gradient came."""
+        if self.weight.grad is None:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_([self.weight], max_norm if max_norm > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def flush(self):
+        """Nothing to write back."""
+
+    def optimizer_state(self):
+        return {"adamw": self.optimizer.state_dict()}
+
+    def load_optimizer_state(self, state):
+        self.optimizer.load_state_dict(state["adamw"])
 
     def numel(self):
         return self.weight.numel()

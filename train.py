@@ -2,286 +2,186 @@
 Train a STEM (or dense) GPT.
 
     python data/facts/prepare.py && python train.py                    # tiny CPU default
-    python train.py config/stem_350m.py --batch_size=16                 # a config file + flags
+    python train.py config/stem_350m.py --batch_size=8                  # a config file + flags
     python train.py --out_dir=out-facts --init_from=resume              # continue exactly
+    python train.py config/stem_350m.py --device=cuda --dry_run=True    # the memory plan only
 
-Every hyperparameter is a field of TrainConfig (below) or of model.GPTConfig. Config files
-are Python files of plain assignments; `--key=value` flags come after them. Unknown keys
-and values of the wrong type stop the run with a message saying what was expected.
+Every knob is a field of training.TrainConfig, model.GPTConfig or moe.MoEConfig;
+`python train.py --help` lists them. Config files are Python files of plain assignments;
+`--key=value` flags come after them. Unknown keys and values of the wrong type stop the run
+with a message saying what was expected. A run is resolve -> build -> restore -> loop ->
+finish; its checkpoint (out_dir/ckpt.pt) is written at every evaluation and at the end.
 """
 
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+import checkpoint
 import configurator
-import eval as downstream_eval
-import lazy_adamw
-import offload
-import plan
-import stem
-from configurator import UsageError, knob
+import data
+import memory
+import tasks
+import training
+from configurator import UsageError
 from model import GPT, GPTConfig
+from moe import MoEConfig
+from training import TrainConfig
 
 
 @dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out-facts"
-    dataset: str = "facts"          # a folder under data/ (or a path) with train.bin, val.bin, meta.json
-    init_from: str = knob("scratch", choices=("scratch", "resume"))   # resume: from out_dir/ckpt.pt
-    eval_interval: int = knob(250, ge=1)
-    eval_iters: int = knob(20, ge=1)
-    eval_tasks: str = ""             # downstream tasks scored at every eval (eval.py), e.g. facts; off by default
-    eval_limit: int = knob(100, ge=0)   # documents per task in those evals (0: all)
-    log_interval: int = knob(10, ge=1)
-    always_save_checkpoint: bool = True   # else save only when val loss improves
-    # data
-    batch_size: int = knob(32, ge=1)
-    grad_accum_steps: int = knob(1, ge=1)
-    # AdamW, warmup + cosine decay to min_lr_ratio * learning_rate
-    learning_rate: float = knob(3e-3, gt=0)
-    max_iters: int = knob(2000, ge=0)
-    lr_decay_iters: int = knob(0, ge=0)     # 0 means max_iters
-    warmup_iters: int = knob(100, ge=0)
-    min_lr_ratio: float = knob(0.1, ge=0, le=1)
-    weight_decay: float = knob(0.1, ge=0)
-    beta1: float = knob(0.9, ge=0, lt=1)
-    beta2: float = knob(0.95, ge=0, lt=1)
-    grad_clip: float = knob(1.0, ge=0)      # on the backbone's gradient norm; 0 disables
-    # the STEM tables' optimiser group; negative means "same as the backbone" (the paper)
-    table_lr_mult: float = knob(1.0, gt=0)
-    table_weight_decay: float = -1.0
-    table_grad_clip: float = -1.0   # tables are clipped on their own norm, as in the paper
-    table_optimizer: str = knob("adamw", choices=("adamw", "lazy_adamw", "adamw_catchup"))  # adamw: dense,
-                                    # the paper's; lazy_adamw: only touched rows move; adamw_catchup: lazy,
-                                    # with the skipped steps applied when a row is next read (= dense AdamW)
-    table_catchup: str = knob("full", choices=("full", "decay", "momentum"))   # adamw_catchup ablations
-    tables: str = knob("resident", choices=("resident", "offload"))   # offload: host memory + device LFU cache
-    table_cache_fraction: float = knob(0.1, gt=0, le=1)   # offload: device cache rows / vocabulary
-    table_transient_rows: int = knob(0, ge=0)    # offload: device slots for rows of batches in flight that the
-                                    # cache does not hold; 0: the rows in flight measured on the data (plan.py)
-    # system
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    dtype: str = knob("auto", choices=configurator.DTYPES)   # auto: bfloat16 on CUDA, float32 on CPU
-    compile: bool = False
-    seed: int = knob(1337, ge=0)
-    deterministic: bool = False     # CUDA: deterministic kernels and cuBLAS workspace (slower); the CPU
-                                    # runs are bitwise repeatable without it
-    dry_run: bool = False           # print the memory plan (device, host, checkpoint) and exit; allocates nothing
-
-    def __post_init__(self):
-        configurator.check(self)
-        if self.tables == "offload" and self.table_optimizer == "adamw":
-            raise UsageError("tables=offload needs table_optimizer=lazy_adamw or adamw_catchup: dense AdamW would "
-                             "touch every host row every step")
-        if self.table_optimizer == "adamw_catchup" and self.beta1 >= math.sqrt(self.beta2):
-            raise UsageError(f"table_optimizer=adamw_catchup needs beta1 < sqrt(beta2), got {self.beta1}, "
-                             f"{self.beta2}")
+class Run:
+    """What a run resolved to before anything is built."""
+    tc: TrainConfig
+    config: GPTConfig
+    device: str
+    dtype: str
+    meta: dict
+    ckpt_path: str
+    resume_from: dict = None        # the checkpoint resumed from (init_from=resume)
+    tokenizer_json: str = None      # stored in the checkpoint, so that sampling needs no data folder
+    eval_tasks: list = field(default_factory=list)
 
 
-# -----------------------------------------------------------------------------
-# data
-
-class Batch:
-    """x, y: (B, T) int64 on the device; row_index: the STEM dedup of x on the device and
-    row_index_cpu the same on the host (None for dense)."""
-
-    def __init__(self, x, y, row_index, row_index_cpu):
-        self.x, self.y, self.row_index, self.row_index_cpu = x, y, row_index, row_index_cpu
-
-
-class BatchLoader:
-    """Random windows of a token bin, drawn from a seeded generator so that a checkpoint
-    can store the data position and resume replays the same batches.
-    The dedup (unique ids + inverse) is done here, on the CPU copy the loader already
-    holds: a torch.unique on the GPU would force a host sync every step.
-    With lookahead, each batch is drawn one call early and handed to on_draw (offloaded
-    tables prefetch its rows while the current batch computes)."""
-
-    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index,
-                 lookahead=False, on_draw=None):
-        self.path, self.data = path, np.memmap(path, dtype=dtype, mode="r")
-        if len(self.data) <= block_size + 1:
-            raise UsageError(f"{path} has {len(self.data)} tokens, fewer than block_size + 2")
-        self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
-        self.device, self.with_row_index = device, with_row_index
-        self.generator = torch.Generator().manual_seed(seed)
-        self.lookahead, self.on_draw = lookahead, on_draw
-        self.pending, self.pending_state = None, None   # the batch drawn early, and the state before it
-
-    def next(self):
-        if not self.lookahead:
-            return self._draw()
-        if self.pending is None:
-            self.pending_state, self.pending = self.generator.get_state(), self._draw()
-        batch = self.pending
-        self.pending_state, self.pending = self.generator.get_state(), self._draw()
-        return batch
-
-    def _draw(self):
-        window = plan.draw_windows(self.data, self.generator, self.batch_size, self.block_size)   # (B, T+1)
-        window = torch.from_numpy(window.astype(np.int64))
-        x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
-        row_index = row_index_cpu = stem.RowIndex.of(x) if self.with_row_index else None
-        try:
-            stem.check_ids(row_index.unique_ids if row_index else x, self.vocab_size)
-        except ValueError as e:
-            raise UsageError(f"{self.path}: {e}; was the data prepared with another tokenizer?") from None
-        if self.device.startswith("cuda"):
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-            if row_index is not None:
-                row_index = stem.RowIndex(row_index.unique_ids.pin_memory(), row_index.inverse.pin_memory())
-                row_index = row_index.to(self.device, non_blocking=True)
-        batch = Batch(x, y, row_index, row_index_cpu)
-        if self.on_draw is not None:
-            self.on_draw(batch)
-        return batch
-
-    def state_dict(self):
-        """The data position: the generator state before any batch not yet handed out."""
-        return {"generator": self.pending_state if self.pending is not None else self.generator.get_state()}
-
-    def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-        self.pending = None
+@dataclass
+class State:
+    """What changes as the run goes."""
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    saved_iter: int = None          # the iteration of the checkpoint this run wrote (or resumed from)
+    # The first iteration whose loss or gradient norm is not finite, kept on the device (-1
+    # while all is well) and read only where the loop syncs anyway (logging, evaluation,
+    # the end), so that watching costs no host sync per step.
+    first_bad_iter: torch.Tensor = None
+    losses: dict = field(default_factory=dict)      # the last evaluation's
 
 
-# -----------------------------------------------------------------------------
-# optimiser and schedule
-
-def configure_optimizer(model, tc, device):
-    """AdamW with three groups: backbone matrices (decayed), norms (not decayed), and the
-    STEM tables (their own lr multiplier and decay; defaults follow the paper: the same as
-    the backbone, dense gradients, so every row decays every step)."""
-    table_params = [model.tables.weight] if isinstance(model.tables, stem.ResidentTables) else []
-    table_ids = {id(p) for p in table_params}
-    backbone = [p for p in model.parameters() if id(p) not in table_ids]
-    groups = [
-        {"params": [p for p in backbone if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_mult": 1.0},
-        {"params": [p for p in backbone if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
-    ]
-    if table_params:
-        table_decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
-        groups.append({"params": table_params, "weight_decay": table_decay, "lr_mult": tc.table_lr_mult})
-    # fused: one pass over each tensor (weights, gradient, both moments), on the CPU too
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
-
-
-def lr_at(it, tc):
-    """Linear warmup to learning_rate, then cosine decay to min_lr_ratio * learning_rate."""
-    decay_iters = tc.lr_decay_iters or tc.max_iters
-    if it < tc.warmup_iters:
-        return tc.learning_rate * (it + 1) / (tc.warmup_iters + 1)
-    if it >= decay_iters:
-        return tc.learning_rate * tc.min_lr_ratio
-    progress = (it - tc.warmup_iters) / max(1, decay_iters - tc.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return tc.learning_rate * (tc.min_lr_ratio + coeff * (1 - tc.min_lr_ratio))
+def resolve(tc, model_overrides):
+    device, dtype = configurator.resolve_device(tc.device, tc.dtype)
+    if device == "cpu":
+        configurator.keep_freed_memory()
+    meta = data.load_meta(tc.dataset)
+    config = training.resolve_model_config(tc, model_overrides, meta)
+    run = Run(tc, config, device, dtype, meta, os.path.join(tc.out_dir, "ckpt.pt"),
+              tokenizer_json=data.tokenizer_json(tc.dataset, meta),
+              eval_tasks=[t.strip() for t in tc.eval_tasks.split(",") if t.strip()])
+    if run.eval_tasks:
+        if run.tokenizer_json is None:
+            raise UsageError(f"eval_tasks needs text: dataset '{tc.dataset}' has no tokenizer")
+        for task in run.eval_tasks:      # fail now, not at the first eval
+            try:
+                tasks.task_loader()(task, 1)
+            except FileNotFoundError as e:
+                raise UsageError(str(e)) from None
+    if device.startswith("cuda"):      # stop now, not out of memory halfway through building
+        memory.check_fits(memory.plan_run(tc, config, device, dtype), tc, device)
+    if tc.init_from == "resume":
+        run.resume_from = checkpoint.read(run.ckpt_path, resume=True)
+    os.makedirs(tc.out_dir, exist_ok=True)
+    return run
 
 
-def table_clip_of(tc):
-    return tc.grad_clip if tc.table_grad_clip < 0 else tc.table_grad_clip
+def build(run):
+    """The model (tables converted before it moves), its optimiser, the data loaders."""
+    tc, config = run.tc, run.config
+    torch.manual_seed(tc.seed)
+    model = GPT(config, training.token_counts(tc, config, run.meta))
+    training.build_tables(model, tc, run.device)
+    model.to(run.device)
+    optimizer = training.configure_optimizer(model, tc)
+    if run.eval_tasks:
+        model.eos_id = run.meta.get("eos_id") or 0      # the pad token of scored batches
+    loader = lambda split, seed: data.BatchLoader(
+        os.path.join(data.data_dir_of(tc.dataset), f"{split}.bin"), run.meta["dtype"], tc.batch_size,
+        config.block_size, config.vocab_size, run.device, seed, with_row_index=model.tables is not None)
+    loaders = {"train": loader("train", tc.seed), "eval": {split: loader(split, 0) for split in ("train", "val")}}
+    return model, optimizer, loaders
 
 
-def use_table_options(model, tc, config, device):
-    """Apply tables= and table_optimizer=: with lazy_adamw the tables become
-    offload.SparseTables (resident, or offloaded with an LFU cache). True if so."""
-    if model.tables is None or tc.table_optimizer == "adamw":
-        return False
-    decay = tc.weight_decay if tc.table_weight_decay < 0 else tc.table_weight_decay
-    lazy = lazy_adamw.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=decay,
-                                catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
-    # offloaded: slots for the rows of the batches in flight (one step's micro-batches and the
-    # prefetched one) that the cache does not hold, measured on the data unless set
-    cache_rows, transient_rows = plan.table_slots(tc, config)
-    offload.use_sparse_tables(model, device, cache_rows, transient_rows, training=True, optimizer=lazy)
-    return True
-
-
-def table_optimizer_state(model):
-    """Lazy AdamW's moments (the host tensors themselves when offloaded: no second copy)."""
-    if not isinstance(model.tables, offload.SparseTables):
-        return None
-    moments = {k: v for k, v in model.tables.tensors().items() if k != "weight"}
-    return {"moments": moments, **model.tables.optimizer.state_dict()}
-
-
-def clip_grads(model, tc):
-    """Clip the backbone and the tables on separate global norms; return both norms."""
-    table_ids = {id(model.tables.weight)} if isinstance(model.tables, stem.ResidentTables) else set()
-    backbone = [p for p in model.parameters() if id(p) not in table_ids and p.grad is not None]
-    tables = [p for p in model.parameters() if id(p) in table_ids and p.grad is not None]
-    table_clip = table_clip_of(tc)
-    norms = []
-    for params, max_norm in ((backbone, tc.grad_clip), (tables, table_clip)):
-        if not params:
-            norms.append(None)
-        else:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-    return norms
-
-
-def train_step(model, optimizer, next_batch, tc, lr, ctx):
-    """One optimiser step: forward and backward of tc.grad_accum_steps micro-batches (each
-    from next_batch()), the backbone and the tables clipped on their own norms, the lazy
-    table step (SparseTables) and AdamW. Returns (the last micro-batch's loss, backbone
-    gradient norm, table gradient norm) as tensors: nothing here waits for the device."""
-    raw_model = getattr(model, "_orig_mod", model)       # under torch.compile
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
-    for _ in range(tc.grad_accum_steps):
-        batch = next_batch()
-        with ctx:
-            loss = model(batch.x, batch.y, batch.row_index)[1]   # not the logits: let them go before the next forward
-        (loss / tc.grad_accum_steps).backward()
-    grad_norm, table_grad_norm = clip_grads(raw_model, tc)
-    if isinstance(raw_model.tables, offload.SparseTables):
-        table_grad_norm = raw_model.tables.step(lr * tc.table_lr_mult, table_clip_of(tc))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, table_grad_norm
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def save_checkpoint(state, path):
-    """Write to a temp file, flush it to disk, then rename over the old checkpoint: a crash
-    mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def restore(run, model, optimizer, train_loader):
+    """The state to start from: fresh, or everything the checkpoint resumed from holds."""
+    state = State(first_bad_iter=torch.full((), -1, dtype=torch.long, device=run.device))
+    ckpt = run.resume_from
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if model.tables is not None:
+            model.tables.load_optimizer_state(ckpt["table_optimizer"])
+        train_loader.load_state_dict(ckpt["data"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        state.iter_num = state.saved_iter = ckpt["iter_num"]
+        state.best_val_loss = ckpt["best_val_loss"]
+        run.resume_from = None          # let the checkpoint's memory go
     return state
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def run_training(tc, model_overrides):
+    run = resolve(tc, model_overrides)
+    model, optimizer, loaders = build(run)
+    state = restore(run, model, optimizer, loaders["train"])
+    total_params, active_params = model.num_params()
+    print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
+          f"{model.flops_per_token() / 1e6:.2f} MFLOPs/token forward, STEM layers {list(run.config.stem_layer_ids)}")
+    compiled = torch.compile(model) if tc.compile else model
+    ctx = configurator.autocast_context(run.device, run.dtype)
+    log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
+    start_iter, t0 = state.iter_num, time.perf_counter()
+    pbar = tqdm(total=tc.max_iters, initial=state.iter_num, desc="train", dynamic_ncols=True)
+    while state.iter_num < tc.max_iters:
+        if state.iter_num % tc.eval_interval == 0 and state.iter_num > start_iter:    # not again right after a resume
+            improved = evaluate(run, compiled, model, loaders["eval"], state, ctx, log)
+            if improved or tc.always_save_checkpoint:
+                save(run, model, optimizer, loaders["train"], state)
+        lr = training.lr_at(state.iter_num, tc)
+        loss, grad_norm, table_grad_norm = training.train_step(compiled, optimizer, loaders["train"], tc, lr, ctx)
+        finite = loss.detach().isfinite()
+        for norm in (grad_norm, table_grad_norm):
+            if norm is not None:
+                finite = finite & norm.isfinite()
+        state.first_bad_iter = torch.where((state.first_bad_iter < 0) & ~finite, state.iter_num + 1,
+                                           state.first_bad_iter)
+        state.iter_num += 1
+        pbar.update(1)
+        if state.iter_num % tc.log_interval == 0 or state.iter_num == tc.max_iters:
+            stop_if_diverged(run, state)
+            if run.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            tokens_per_sec = tc.batch_size * tc.grad_accum_steps * run.config.block_size * tc.log_interval / (
+                time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            record = step_record(model, state.iter_num, loss, lr, grad_norm, table_grad_norm, tokens_per_sec,
+                                 run.device)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                             mfu="-" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%")
+    pbar.close()
+    evaluate(run, compiled, model, loaders["eval"], state, ctx, log)
+    save(run, model, optimizer, loaders["train"], state)
+    log.close()
+    return {"iter_num": state.iter_num, "train_loss": state.losses.get("train"), "val_loss": state.losses.get("val"),
+            "ckpt_path": run.ckpt_path}
 
 
-# -----------------------------------------------------------------------------
-# the run
+def step_record(model, iter_num, loss, lr, grad_norm, table_grad_norm, tokens_per_sec, device):
+    """A metrics.jsonl line of a training step (the one place the loop reads its tensors)."""
+    mfu = model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
+    record = {"iter": iter_num, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+              "table_grad_norm": None if table_grad_norm is None else float(table_grad_norm),
+              "tokens_per_sec": tokens_per_sec, "mfu": mfu}
+    if model.aux is not None:       # MoE baselines: auxiliary losses and expert loads
+        aux = model.aux
+        record.update(balance_loss=aux["balance"].item(), z_loss=aux["z"].item(),
+                      dropped=aux["dropped"].item(), expert_load=aux["load"].mean(0).tolist())
+    return record
+
 
 @torch.no_grad()
 def estimate_loss(model, loaders, eval_iters, ctx):
@@ -290,7 +190,7 @@ def estimate_loss(model, loaders, eval_iters, ctx):
     model.eval()
     out = {}
     for split, loader in loaders.items():
-        loader.generator.manual_seed(12345)
+        loader.reseed(12345)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             b = loader.next()
@@ -301,10 +201,76 @@ def estimate_loss(model, loaders, eval_iters, ctx):
     return out
 
 
+def evaluate(run, compiled, model, loaders, state, ctx, log):
+    """Losses on both splits (and the downstream tasks asked for), logged; True if val improved."""
+    stop_if_diverged(run, state)
+    losses = estimate_loss(compiled, loaders, run.tc.eval_iters, ctx)
+    record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+    text = f"iter {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+    if run.eval_tasks:
+        # the uncompiled model, so that compile never sees the scoring shapes
+        tokenizer = Tokenizer.from_str(run.tokenizer_json)
+        with ctx:
+            scores, _ = tasks.evaluate_tasks(model, tokenizer, run.eval_tasks, tasks.task_loader(),
+                                             run.tc.eval_limit, run.tc.batch_size, progress=False)
+        record["tasks"] = scores
+        text += "".join(f", {task} {100 * m['primary']:.1f}%" for task, m in scores.items())
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    tqdm.write(text)
+    improved = losses["val"] < state.best_val_loss
+    state.best_val_loss = min(state.best_val_loss, losses["val"])
+    state.losses = losses
+    return improved
+
+
+def save(run, model, optimizer, train_loader, state):
+    """The checkpoint of the run now; a diverged model never replaces a good checkpoint."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise UsageError(f"iter {state.iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
+                         f"not saved, {kept_checkpoint(run, state)}")
+    checkpoint.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "model_config": asdict(run.config), "train_config": asdict(run.tc), "iter_num": state.iter_num,
+        "best_val_loss": state.best_val_loss, "rng": checkpoint.rng_state(), "data": train_loader.state_dict(),
+        "meta": run.meta, "tokenizer_json": run.tokenizer_json,
+        "table_optimizer": model.tables.optimizer_state() if model.tables is not None else None,
+    }, run.ckpt_path)
+    state.saved_iter = state.iter_num
+
+
+def kept_checkpoint(run, state):
+    if state.saved_iter is not None:
+        return f"the last good checkpoint ({run.ckpt_path}, iter {state.saved_iter}) is kept"
+    if os.path.exists(run.ckpt_path):
+        return f"{run.ckpt_path} is left as it was"
+    return "no checkpoint was written"
+
+
+def stop_if_diverged(run, state):
+    bad = int(state.first_bad_iter)
+    if bad >= 0:
+        raise UsageError(f"iter {bad}: the loss or gradient norm is not finite (diverged; try a lower "
+                         f"learning_rate); training stopped, {kept_checkpoint(run, state)}")
+
+
+def dry_run(tc, model_overrides):
+    """Print the plan of the run (--dry_run=True) without allocating; return its totals."""
+    device, dtype = configurator.resolve_device(tc.device, tc.dtype, need_cuda=False)
+    meta = data.read_meta(tc.dataset)
+    config = training.resolve_model_config(tc, model_overrides, meta)
+    p = memory.plan_run(tc, config, device, dtype)
+    if meta is None:
+        p.notes.append(f"dataset '{tc.dataset}' not found: vocab_size {config.vocab_size} from the config")
+    print(p.format())
+    return {"device_bytes": p.total("device"), "host_bytes": p.total("host"), "plan": p}
+
+
 def train(tc, model_overrides):
     """Run training as configured; return a summary dict (final losses, iterations)."""
     if tc.dry_run:
-        return plan.dry_run(tc, model_overrides)
+        return dry_run(tc, model_overrides)
     if not tc.deterministic:
         return run_training(tc, model_overrides)
     # cuBLAS reads this when it first starts, so it must be set before the first matmul
@@ -318,198 +284,12 @@ def train(tc, model_overrides):
         torch.use_deterministic_algorithms(was)
 
 
-def run_training(tc, model_overrides):
-    device, dtype = configurator.resolve_device(tc.device, tc.dtype)
-    meta = configurator.load_meta(tc.dataset)
-    data_dir = configurator.data_dir_of(tc.dataset)
-    os.makedirs(tc.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
-
-    checkpoint = None
-    if tc.init_from == "resume":
-        if not os.path.exists(ckpt_path):
-            raise UsageError(f"init_from=resume but {ckpt_path} does not exist")
-        checkpoint, _ = configurator.read_checkpoint(ckpt_path)
-        missing = [k for k in ("optimizer", "data", "rng", "best_val_loss", "table_optimizer") if k not in checkpoint]
-        if missing:
-            raise UsageError(f"{ckpt_path} cannot be resumed from: it lacks {missing}")
-        conflicts = {k: v for k, v in model_overrides.items() if checkpoint["model_config"].get(k) != v}
-        if conflicts:
-            raise UsageError(f"cannot change model keys on resume: {conflicts}")
-        config = GPTConfig(**checkpoint["model_config"])
-    else:      # scratch (the knob allows nothing else)
-        model_overrides.setdefault("vocab_size", meta["vocab_size"])
-        try:
-            config = GPTConfig(**model_overrides)
-        except ValueError as e:   # GPTConfig's own checks of the user's values
-            raise UsageError(str(e)) from None
-    if config.vocab_size < meta["vocab_size"]:
-        raise UsageError(f"vocab_size {config.vocab_size} is smaller than the dataset's {meta['vocab_size']}")
-
-    if device.startswith("cuda"):      # stop now, not out of memory halfway through building
-        plan.check_fits(plan.plan_run(tc, config, device, dtype), tc, device)
-    torch.manual_seed(tc.seed)
-    token_counts = None
-    if config.ffn == "hash_moe" and config.hash_assignment == "balanced" and checkpoint is None:
-        train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=meta["dtype"], mode="r")
-        token_counts = np.bincount(train_data, minlength=config.vocab_size)[:config.vocab_size]
-    model = GPT(config, token_counts)     # on the CPU: lazy tables are converted before anything moves
-    sparse = use_table_options(model, tc, config, device)
-    model.to(device)
-    optimizer = configure_optimizer(model, tc, device)
-    loader_args = dict(dtype=meta["dtype"], batch_size=tc.batch_size, block_size=config.block_size,
-                       vocab_size=config.vocab_size, device=device, with_row_index=model.tables is not None)
-    on_draw = (lambda b: model.tables.prepare(b.row_index_cpu)) if sparse else None
-    train_loader = BatchLoader(os.path.join(data_dir, "train.bin"), seed=tc.seed, lookahead=sparse,
-                               on_draw=on_draw, **loader_args)
-    eval_loaders = {split: BatchLoader(os.path.join(data_dir, f"{split}.bin"), seed=0, **loader_args)
-                    for split in ("train", "val")}
-    iter_num, best_val_loss = 0, float("inf")
-    checkpoint_resumed = checkpoint is not None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if sparse:
-            model.tables.load_tensors(checkpoint["table_optimizer"]["moments"])
-            model.tables.optimizer.load_state_dict(checkpoint["table_optimizer"])
-        train_loader.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"])
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        del checkpoint
-    tokenizer_json = None   # stored in the checkpoint so that sampling needs no data folder
-    if meta.get("tokenizer"):
-        with open(os.path.join(data_dir, meta["tokenizer"])) as f:
-            tokenizer_json = f.read()
-
-    eval_tasks = [t.strip() for t in tc.eval_tasks.split(",") if t.strip()]
-    if eval_tasks:
-        if tokenizer_json is None:
-            raise UsageError(f"eval_tasks needs text: dataset '{tc.dataset}' has no tokenizer")
-        tokenizer, load_task = Tokenizer.from_str(tokenizer_json), downstream_eval.task_loader()
-        for task in eval_tasks:      # fail now, not at the first eval
-            try:
-                load_task(task, 1)
-            except FileNotFoundError as e:
-                raise UsageError(str(e)) from None
-        model.eos_id = meta.get("eos_id") or 0      # the pad token of scored batches
-    total_params, active_params = model.num_params()
-    print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
-          f"{model.flops_per_token() / 1e6:.2f} MFLOPs/token forward, STEM layers {list(config.stem_layer_ids)}")
-    raw_model = model
-    if tc.compile:
-        model = torch.compile(model)
-    ctx = configurator.autocast_context(device, dtype)
-    log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
-    tokens_per_iter = tc.batch_size * tc.grad_accum_steps * config.block_size
-
-    last_good = {"iter": None}      # the iteration of the checkpoint on disk from this run
-
-    def checkpoint_now():
-        # a diverged model must never replace a good checkpoint
-        bad = [name for name, t in raw_model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-        if bad:
-            raise UsageError(f"iter {iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
-                             f"not saved, {kept_checkpoint()}")
-        save_checkpoint({
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": asdict(config), "train_config": asdict(tc), "iter_num": iter_num,
-            "best_val_loss": best_val_loss, "rng": rng_state(), "data": train_loader.state_dict(),
-            "meta": meta, "tokenizer_json": tokenizer_json, "table_optimizer": table_optimizer_state(raw_model),
-        }, ckpt_path)
-        last_good["iter"] = iter_num
-
-    def kept_checkpoint():
-        if last_good["iter"] is not None:
-            return f"the last good checkpoint ({ckpt_path}, iter {last_good['iter']}) is kept"
-        if os.path.exists(ckpt_path):
-            return f"{ckpt_path} is left as it was"
-        return "no checkpoint was written"
-
-    # Divergence: the first iteration whose loss or gradient norm is not finite, kept on the
-    # device (-1 while all is well) and read only where the loop syncs anyway (logging,
-    # evaluation, the end), so that watching costs no host sync per step.
-    first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
-
-    def stop_if_diverged():
-        bad = int(first_bad_iter)
-        if bad >= 0:
-            raise UsageError(f"iter {bad}: the loss or gradient norm is not finite (diverged; try a lower "
-                             f"learning_rate); training stopped, {kept_checkpoint()}")
-
-    def evaluate():
-        nonlocal best_val_loss
-        losses = estimate_loss(model, eval_loaders, tc.eval_iters, ctx)
-        record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-        text = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        if eval_tasks:
-            # the uncompiled model, so that compile never sees the scoring shapes
-            with ctx:
-                scores, _ = downstream_eval.evaluate_tasks(raw_model, tokenizer, eval_tasks, load_task,
-                                                           tc.eval_limit, tc.batch_size, progress=False)
-            record["tasks"] = scores
-            text += "".join(f", {task} {100 * m['primary']:.1f}%" for task, m in scores.items())
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        tqdm.write(text)
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
-        return losses, improved
-
-    start_iter = iter_num
-    if checkpoint_resumed:
-        last_good["iter"] = iter_num     # the checkpoint resumed from is this run's last good one
-    pbar = tqdm(total=tc.max_iters, initial=iter_num, desc="train", dynamic_ncols=True)
-    losses = {}
-    t0 = time.perf_counter()
-    while iter_num < tc.max_iters:
-        if iter_num % tc.eval_interval == 0 and iter_num > start_iter:     # not again right after a resume
-            stop_if_diverged()
-            losses, improved = evaluate()
-            if improved or tc.always_save_checkpoint:
-                checkpoint_now()
-        lr = lr_at(iter_num, tc)
-        loss, grad_norm, table_grad_norm = train_step(model, optimizer, train_loader.next, tc, lr, ctx)
-        finite = loss.detach().isfinite()
-        for norm in (grad_norm, table_grad_norm):
-            if norm is not None:
-                finite = finite & norm.isfinite()
-        first_bad_iter = torch.where((first_bad_iter < 0) & ~finite, iter_num + 1, first_bad_iter)
-        iter_num += 1
-        pbar.update(1)
-        if iter_num % tc.log_interval == 0 or iter_num == tc.max_iters:
-            stop_if_diverged()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / tc.log_interval
-            t0 = time.perf_counter()
-            tokens_per_sec = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
-            record = {"iter": iter_num, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                      "table_grad_norm": None if table_grad_norm is None else float(table_grad_norm),
-                      "tokens_per_sec": tokens_per_sec, "mfu": mfu}
-            if raw_model.aux is not None:       # MoE baselines: auxiliary losses and expert loads
-                aux = raw_model.aux
-                record.update(balance_loss=aux["balance"].item(), z_loss=aux["z"].item(),
-                              dropped=aux["dropped"].item(), expert_load=aux["load"].mean(0).tolist())
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                             mfu="-" if mfu is None else f"{100 * mfu:.1f}%")
-    pbar.close()
-    stop_if_diverged()
-    losses, _ = evaluate()
-    checkpoint_now()
-    log.close()
-    return {"iter_num": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
-            "ckpt_path": ckpt_path}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        overrides = configurator.parse_overrides(argv, TrainConfig, GPTConfig)
+        overrides = configurator.parse(argv, TrainConfig, GPTConfig, MoEConfig, doc=__doc__)
         train_overrides, model_overrides = configurator.split_overrides(overrides, TrainConfig)
-        return train(TrainConfig(**train_overrides), model_overrides)
+        return train(configurator.build(TrainConfig, **train_overrides), model_overrides)
     except UsageError as e:
         sys.exit(f"error: {e}")
 

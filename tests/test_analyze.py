@@ -1,18 +1,15 @@
 """analyze.py: the |cos| statistics against a float64 numpy reference, the distinct-row
 counts against Python sets, and the CLI on tiny trained checkpoints."""
 
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import analyze  # noqa: E402
-import stem  # noqa: E402
-import train  # noqa: E402
-from test_train import make_dataset, tiny_args  # noqa: E402
+import analyze
+import stem
+import train
+from test_train import make_dataset, tiny_args
 
 
 def test_abs_cosine_stats_match_numpy_on_the_same_pairs():

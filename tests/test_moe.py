@@ -5,8 +5,6 @@ parameter counts, torch's FLOP counter for FLOPs, and perturbation tests for whi
 positions an output may depend on."""
 
 import math
-import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,8 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import moe  # noqa: E402
+import moe
 
 B, T, C, E, F_EXPERT, VOCAB = 3, 8, 12, 4, 8, 30
 N = B * T

@@ -9,20 +9,17 @@ the comments; nothing compares the code under test with a recording of itself.""
 import copy
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
-sys.path.insert(0, REPO_ROOT)
-import lazy_adamw  # noqa: E402
-import offload  # noqa: E402
-import stem  # noqa: E402
-import train  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import lazy_adamw
+import offload
+import stem
+import train
+from model import GPT, GPTConfig
+from tables import LazyTables, use_lazy_tables
 
 VOCAB = 128
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
@@ -36,6 +33,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def arr(values):
     return np.asarray(values, dtype=np.int64)
+
+
+def rows_of(ids):
+    """The RowIndex of a batch that holds these ids once each."""
+    return stem.RowIndex.of(torch.as_tensor(ids))
 
 
 def tiny_gpt(seed=0, vocab=VOCAB):
@@ -301,8 +303,8 @@ def test_offloaded_model_matches_resident_lazy_training(cache_rows, transient_ro
     batches = random_batches(9)
     x_eval = batches[0][:, :-1]
     resident, offloaded, dense = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    offload.use_sparse_tables(resident, "cpu")
-    offload.use_sparse_tables(offloaded, "cpu", cache_rows=cache_rows, transient_rows=transient_rows)
+    use_lazy_tables(resident, "cpu")
+    use_lazy_tables(offloaded, "cpu", cache_rows=cache_rows, transient_rows=transient_rows)
 
     # the same logits as the plain ResidentTables parameter, before training
     ref_logits = eval_logits(base, x_eval)
@@ -351,14 +353,14 @@ def test_offloaded_tables_write_back_and_match_a_float64_lazy_adamw():
     batches = [torch.randint(0, vocab, (6,), generator=g) for _ in range(13)]
     ris = [stem.RowIndex.of(b) for b in batches]
     grads = [torch.randn(len(ri.unique_ids), n_stem, d_ff, generator=g) for ri in ris]
-    resident = offload.SparseTables(w0, "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
-    offloaded = offload.SparseTables(w0, "cpu", cache_rows=3, transient_rows=2 * 6,
+    resident = LazyTables(w0, "cpu", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
+    offloaded = LazyTables(w0, "cpu", cache_rows=3, transient_rows=2 * 6,
                                      optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     for tables in (resident, offloaded):
         tables.prepare(ris[0])
         for k in range(len(batches) - 1):
             tables.prepare(ris[k + 1])
-            rows = tables.lookup(ris[k].unique_ids)
+            rows = tables.lookup(ris[k])
             (rows * grads[k]).sum().backward()            # d loss / d rows = grads[k]
             tables.step(lr)
     ref = lazy_adamw_float64(w0, [(ri.unique_ids, gr) for ri, gr in zip(ris[:-1], grads[:-1])], lr)
@@ -377,13 +379,13 @@ def test_evicted_row_comes_back_with_its_update_and_moments():
     w0 = torch.randn(vocab, n_stem, d_ff)
     c1 = torch.randn(1, n_stem, d_ff)
     c2 = torch.randn(1, n_stem, d_ff)
-    tables = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=4,
+    tables = LazyTables(w0, "cpu", cache_rows=2, transient_rows=4,
                                   optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     five = torch.tensor([5])
     # step 1 on row 5 (admitted into an empty cached slot): gradient c1
-    (tables.lookup(five) * c1).sum().backward()
+    (tables.lookup(rows_of(five)) * c1).sum().backward()
     tables.step(lr)
-    assert tables.cache.slot_of_id[5] >= 0
+    assert tables.rows.cache.slot_of_id[5] >= 0
     # hand-derived AdamW step 1 in float64: m = (1-b1) c, v = (1-b2) c^2, bias-corrected
     # m_hat = c, v_hat = c^2, so w1 = w0 (1 - lr wd) - lr c / (|c| + eps)
     c1d = c1.double()[0]
@@ -394,24 +396,24 @@ def test_evicted_row_comes_back_with_its_update_and_moments():
     g12 = torch.randn(2, n_stem, d_ff)
     d2h = tables.stats()["bytes_d2h"]
     tables.prepare(ri)
-    (tables.lookup(ri.unique_ids) * g12).sum().backward()
+    (tables.lookup(ri) * g12).sum().backward()
     tables.step(lr)
-    assert tables.cache.slot_of_id[5] == -1
+    assert tables.rows.cache.slot_of_id[5] == -1
     assert tables.stats()["evictions"] == 1
     assert tables.stats()["bytes_d2h"] - d2h == n_stem * d_ff * 4 * 3     # weight + 2 moments
 
     # an evaluation read of 5 (no grad): the weight alone comes from the host, nothing
     # about the cache changes (no LFU count, no slot)
-    h2d, freq = tables.stats()["bytes_h2d"], tables.cache.freq.copy()
+    h2d, freq = tables.stats()["bytes_h2d"], tables.rows.cache.freq.copy()
     with torch.no_grad():
-        rows = tables.lookup(five)
+        rows = tables.lookup(rows_of(five))
     assert tables.stats()["bytes_h2d"] - h2d == n_stem * d_ff * 4            # weights only
-    assert np.array_equal(tables.cache.freq, freq) and tables.cache.slot_of_id[5] == -1
+    assert np.array_equal(tables.rows.cache.freq, freq) and tables.rows.cache.slot_of_id[5] == -1
     torch.testing.assert_close(rows[0].double(), w1, rtol=1e-6, atol=1e-7)
     # read for training, it comes back with its moments (it loses to 1 and 2, so into a
     # transient slot): its next step follows AdamW exactly
     h2d = tables.stats()["bytes_h2d"]
-    (tables.lookup(five) * c2).sum().backward()
+    (tables.lookup(rows_of(five)) * c2).sum().backward()
     assert tables.stats()["bytes_h2d"] - h2d == n_stem * d_ff * 4 * 3
     tables.step(lr)
     ref = lazy_adamw_float64(w0, [(five, c1), (torch.tensor([1, 2]), g12), (five, c2)], lr)
@@ -429,7 +431,7 @@ def test_inference_lookup_moves_each_unique_row_once(cache_rows, transient_rows,
     model = tiny_gpt()
     reference = copy.deepcopy(model)
     n_stem, d_ff = len(model.config.stem_layer_ids), model.config.d_ff
-    tables = offload.use_sparse_tables(model, "cpu", cache_rows=cache_rows, transient_rows=transient_rows,
+    tables = use_lazy_tables(model, "cpu", cache_rows=cache_rows, transient_rows=transient_rows,
                                        training=False, dtype=dtype)
     assert set(tables.pool) == {"weight"}
     x = torch.randint(0, 10, (4, 16), generator=torch.Generator().manual_seed(0))    # 64 tokens, <= 10 ids
@@ -442,7 +444,7 @@ def test_inference_lookup_moves_each_unique_row_once(cache_rows, transient_rows,
     # the rows it looked up are the table's rows (in the table dtype)
     ids = torch.tensor(sorted(set(x.flatten().tolist())))
     with torch.no_grad():
-        rows = tables.lookup(ids)
+        rows = tables.lookup(rows_of(ids))
     assert torch.equal(rows, reference.tables.weight.detach()[ids].to(dtype))
     if dtype == torch.float32:
         torch.testing.assert_close(logits, eval_logits(reference, x), rtol=1e-6, atol=1e-6)
@@ -453,7 +455,7 @@ def test_inference_lookup_moves_each_unique_row_once(cache_rows, transient_rows,
 def test_training_rows_move_with_their_moments():
     model = tiny_gpt()
     n_stem, d_ff = len(model.config.stem_layer_ids), model.config.d_ff
-    tables = offload.use_sparse_tables(model, "cpu", cache_rows=VOCAB, transient_rows=0, training=True)
+    tables = use_lazy_tables(model, "cpu", cache_rows=VOCAB, transient_rows=0, training=True)
     x = torch.randint(0, 10, (4, 16), generator=torch.Generator().manual_seed(0))
     ri = stem.RowIndex.of(x)
     tables.prepare(ri)
@@ -467,7 +469,6 @@ def test_training_rows_move_with_their_moments():
 # -- 7: checkpoints through train.py ---------------------------------------------------
 
 def _train_helpers():
-    sys.path.insert(0, TESTS_DIR)
     from test_train import make_dataset, tiny_args
     return make_dataset, tiny_args
 
@@ -530,8 +531,8 @@ def test_offloaded_matches_resident_with_active_table_clipping():
     base = tiny_gpt()
     batches = random_batches(9)
     resident, offloaded = copy.deepcopy(base), copy.deepcopy(base)
-    offload.use_sparse_tables(resident, "cpu")
-    offload.use_sparse_tables(offloaded, "cpu", cache_rows=8, transient_rows=128)
+    use_lazy_tables(resident, "cpu")
+    use_lazy_tables(offloaded, "cpu", cache_rows=8, transient_rows=128)
     # the tables' gradient norm is about 5e-3 here: max_norm 1e-3 clips at every step
     train_sparse(resident, batches, max_norm=1e-3)
     train_sparse(offloaded, batches, max_norm=1e-3)
@@ -555,13 +556,13 @@ def test_eval_lookup_between_backward_and_step_keeps_the_table_update():
     torch.manual_seed(0)
     w0 = torch.randn(10, 2, 4)
     grad = torch.randn(2, 2, 4)
-    plain = offload.SparseTables(w0, "cpu")
-    with_eval = offload.SparseTables(w0, "cpu")
+    plain = LazyTables(w0, "cpu")
+    with_eval = LazyTables(w0, "cpu")
     for tables in (plain, with_eval):
-        (tables.lookup(torch.tensor([1, 2])) * grad).sum().backward()
+        (tables.lookup(rows_of([1, 2])) * grad).sum().backward()
         if tables is with_eval:
             with torch.no_grad():                    # e.g. a validation batch before the step
-                tables.lookup(torch.tensor([3]))
+                tables.lookup(rows_of([3]))
         tables.step(0.1)
     assert not torch.equal(plain.tensors()["weight"], w0)
     assert torch.equal(with_eval.tensors()["weight"], plain.tensors()["weight"])
@@ -571,11 +572,11 @@ def test_eval_lookup_between_backward_and_step_keeps_the_table_update():
 def test_load_tensors_after_training_is_not_overwritten_by_pending_write_backs():
     torch.manual_seed(0)
     w0 = torch.randn(10, 2, 4)
-    tables = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=2)
+    tables = LazyTables(w0, "cpu", cache_rows=2, transient_rows=2)
     # 1 and 2 take the cached slots, 3 and 4 the transient ones; then 5 and 6 (no hotter
     # than 1 and 2) take the transient slots, and 3 and 4 leave (their write-back is queued)
     for ids in ([1, 2, 3, 4], [5, 6]):
-        tables.lookup(torch.tensor(ids)).sum().backward()
+        tables.lookup(rows_of(ids)).sum().backward()
         tables.step(0.1)
     assert tables.stats()["evictions"] == 2
     new = {"weight": torch.randn(10, 2, 4), "exp_avg": torch.rand(10, 2, 4), "exp_avg_sq": torch.rand(10, 2, 4)}
@@ -590,11 +591,11 @@ def test_loading_weights_alone_keeps_the_moments_of_rows_on_the_device():
     on the device must reach the host first (a resident twin says what they are)."""
     torch.manual_seed(0)
     w0 = torch.randn(10, 2, 4)
-    resident = offload.SparseTables(w0, "cpu")
-    offloaded = offload.SparseTables(w0, "cpu", cache_rows=2, transient_rows=4)
+    resident = LazyTables(w0, "cpu")
+    offloaded = LazyTables(w0, "cpu", cache_rows=2, transient_rows=4)
     for tables in (resident, offloaded):
         for ids in ([1, 2, 3, 4], [1, 5]):
-            tables.lookup(torch.tensor(ids)).sum().backward()
+            tables.lookup(rows_of(ids)).sum().backward()
             tables.step(0.1)
     w = torch.randn(10, 2, 4)
     offloaded.load_tensors({"weight": w})
@@ -617,25 +618,25 @@ def test_gpu_offloaded_stress_matches_resident():
     B, T, accum, steps = 4, 64, 2, 200
     torch.manual_seed(0)
     w0 = torch.randn(vocab, n_stem, d_ff) * 0.05
-    resident = offload.SparseTables(w0, "cuda", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
-    offloaded = offload.SparseTables(w0, "cuda", cache_rows=64, transient_rows=(accum + 1) * B * T,
+    resident = LazyTables(w0, "cuda", optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
+    offloaded = LazyTables(w0, "cuda", cache_rows=64, transient_rows=(accum + 1) * B * T,
                                      optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
     g = torch.Generator().manual_seed(1)
     micro = [torch.multinomial(zipf, B * T, replacement=True, generator=g).view(B, T)
              for _ in range(steps * accum + 1)]
     ris = [stem.RowIndex.of(x) for x in micro]
-    keys = [ri.unique_ids.to("cuda") for ri in ris]
-    eval_ids = torch.arange(0, vocab, 7, device="cuda")
+    keys = [ri.to("cuda") for ri in ris]             # ids on the GPU, their host copy for the plans
+    eval_ids = stem.RowIndex.of(torch.arange(0, vocab, 7)).to("cuda")
     both = (resident, offloaded)
     for tables in both:
-        tables.prepare(ris[0])
+        tables.prepare(keys[0])
     i = 0
     for step in range(steps):
         for _ in range(accum):
             grad = torch.randn(len(ris[i].unique_ids), n_stem, d_ff, device="cuda")
             for tables in both:
-                tables.prepare(ris[i + 1])
+                tables.prepare(keys[i + 1])
                 (tables.lookup(keys[i]) * grad).sum().backward()
             i += 1
         lr = 1e-2 * (0.5 + 0.5 * math.cos(math.pi * step / steps))
@@ -661,22 +662,22 @@ def test_gpu_steady_state_training_makes_no_host_sync(catch_up):
     B, T, vocab, warm, n = 4, 32, 256, 5, 9
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=T, n_layer=3, n_head=2, n_embd=64, dropout=0.0)).cuda()
-    tables = offload.use_sparse_tables(model, "cuda", cache_rows=16, transient_rows=2 * B * T,
+    tables = use_lazy_tables(model, "cuda", cache_rows=16, transient_rows=2 * B * T,
                                        optimizer=lazy_adamw.LazyAdamW(catch_up=catch_up))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=BETAS, weight_decay=WD, fused=True)
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(n + 1):
         xy = torch.randint(0, vocab, (B, T + 1), generator=g)
-        ri = stem.RowIndex.of(xy[:, :-1])
-        batches.append((xy[:, :-1].cuda(), xy[:, 1:].cuda(), ri, ri.to("cuda")))
+        ri = stem.RowIndex.of(xy[:, :-1]).to("cuda")      # the plan reads its host ids
+        batches.append((xy[:, :-1].cuda(), xy[:, 1:].cuda(), ri))
 
-    def prepare(k):              # the plan reads the CPU ids
+    def prepare(k):
         tables.prepare(batches[k][2])
 
     def train_step(k):
         prepare(k + 1)           # the next batch's rows are fetched while this one runs
-        x, y, _, ri_dev = batches[k]
+        x, y, ri_dev = batches[k]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = model(x, y, ri_dev)
         loss.backward()

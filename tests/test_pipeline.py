@@ -1,6 +1,8 @@
 """The offloaded tables' asynchronous pipeline (worker thread, two copy queues) under random
 delays: it must give the resident tables' bits, and each wait must be needed."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 import lazy_adamw
 import offload
 import stem
+from tables import LazyTables
 
 BETAS, EPS, WD = (0.9, 0.95), 1e-8, 0.1
 VOCAB, N_STEM, D_FF = 1000, 2, 8
@@ -32,18 +35,18 @@ def zipf_batches(n, tokens, seed):
 
 
 def train(tables, batches, grads, accum, on_device, eval_every=50):
-    """train.py's order: each micro-batch is prepared (from its CPU ids) one ahead of its
+    """train.py's order: each micro-batch is prepared (from its host ids) one ahead of its
     lookup (of its device ids), the tables step every `accum` micro-batches, an evaluation
     read now and then."""
-    tables.prepare(batches[0])
+    tables.prepare(on_device[0])
     for i in range(len(batches) - 1):
-        tables.prepare(batches[i + 1])
-        (tables.lookup(on_device[i].unique_ids) * grads[i]).sum().backward()
+        tables.prepare(on_device[i + 1])
+        (tables.lookup(on_device[i]) * grads[i]).sum().backward()
         if i % accum == accum - 1:
             tables.step(1e-2 * (0.5 + 0.5 * np.cos(i / len(batches))), 1.0)
         if i % eval_every == eval_every - 1:
             with torch.no_grad():
-                tables.lookup(torch.arange(0, VOCAB, 5, device=on_device[i].unique_ids.device))
+                tables.lookup(stem.RowIndex.of(torch.arange(0, VOCAB, 5, device=on_device[i].unique_ids.device)))
     return {name: t.cpu() for name, t in tables.tensors().items()}
 
 
@@ -53,11 +56,11 @@ def run(steps, accum=2, delay=None, seed=0, device="cpu"):
     batches = zipf_batches(steps * accum + 1, 12, seed)
     g = torch.Generator().manual_seed(seed)
     grads = [torch.randn(len(b.unique_ids), N_STEM, D_FF, generator=g).to(device) for b in batches]
-    resident = offload.SparseTables(w0, device, optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
+    resident = LazyTables(w0, device, optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD))
     # a 3-row cache: nearly every micro-batch evicts rows and re-reads rows that just left
-    offloaded = offload.SparseTables(w0, device, cache_rows=3, transient_rows=(accum + 1) * 12,
+    offloaded = LazyTables(w0, device, cache_rows=3, transient_rows=(accum + 1) * 12,
                                      optimizer=lazy_adamw.LazyAdamW(BETAS, EPS, WD), delay=delay)
-    on_device = [stem.RowIndex(b.unique_ids.to(device), b.inverse, b.counts) for b in batches]
+    on_device = [b.to(device) for b in batches]         # the ids on the device, their host copy for the plans
     return (train(resident, batches, grads, accum, on_device), train(offloaded, batches, grads, accum, on_device),
             offloaded)
 
@@ -68,16 +71,16 @@ def test_delayed_pipeline_gives_the_resident_bits(monkeypatch):
     the race the write-back wait guards across batches (a row read from the host while
     its write-back, on the other copy queue, had not yet run)."""
     raced, leaving = [], {}     # ("id"|"slot", n) -> a mark reached once its latest write-back has run
-    original = offload.SparseTables._move
+    original = offload.OffloadedRows._move
 
     def watching(self, compute_event, out_ids, out_slots, group, in_ids, in_slots, need):
         needed = [("id", i) for i in in_ids.tolist()]          # (slots are refilled in every move: not a race)
-        raced.append(any(key in leaving and not leaving[key].is_set() for key in needed))
+        raced.append(any(key in leaving and not leaving[key].done() for key in needed))
         ready = original(self, compute_event, out_ids, out_slots, group, in_ids, in_slots, need)
         mark = self.copies["out"].mark()
         leaving.update({("id", i): mark for i in out_ids.tolist()})
         return ready
-    monkeypatch.setattr(offload.SparseTables, "_move", watching)
+    monkeypatch.setattr(offload.OffloadedRows, "_move", watching)
     resident, offloaded, tables = run(2000, delay=(7, 2e-4))
     for name in resident:
         assert torch.equal(resident[name], offloaded[name]), name
@@ -90,11 +93,11 @@ def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
     """The same run with the load queue's wait for write-backs switched off: rows are read
     from the host before their update has landed there, or copied into a slot before its
     row has left, and the tables end elsewhere."""
-    original = offload.SparseTables._move
+    original = offload.OffloadedRows._move
 
     def without_wait(self, *args):
         return original(self, *args[:-1], 0)          # need = 0: wait for no write-back
-    monkeypatch.setattr(offload.SparseTables, "_move", without_wait)
+    monkeypatch.setattr(offload.OffloadedRows, "_move", without_wait)
     resident, offloaded, _ = run(2000, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
@@ -102,41 +105,45 @@ def test_without_the_write_back_wait_the_run_diverges(monkeypatch):
 def test_without_the_lookups_wait_the_run_diverges(monkeypatch):
     """The same run with the lookup's wait for its batch's copies switched off: the
     compute reads slots before their rows have arrived, and the tables end elsewhere."""
-    monkeypatch.setattr(offload.SparseTables, "_compute_waits", lambda self, event: None)
+    monkeypatch.setattr(offload.OffloadedRows, "_compute_waits", lambda self, event: None)
     resident, offloaded, _ = run(300, delay=(7, 2e-4))
     assert any(not torch.equal(resident[name], offloaded[name]) for name in resident)
 
 
 def test_a_failed_copy_stops_the_batch_that_needs_it(monkeypatch):
-    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+    tables = LazyTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
 
     def broken(*args, **kwargs):
         raise OSError("copy failed")
     monkeypatch.setattr(torch, "_foreach_copy_", broken)
-    tables.prepare(stem.RowIndex.of(torch.tensor([1, 2])))
+    batch = stem.RowIndex.of(torch.tensor([1, 2]))
+    tables.prepare(batch)
     with pytest.raises(OSError, match="copy failed"):
-        tables.lookup(torch.tensor([1, 2]))
+        tables.lookup(batch)
 
 
 def test_a_worker_error_reaches_the_training_thread(monkeypatch):
-    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+    tables = LazyTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
 
     def broken(self, *args):
         raise OSError("host table unreadable")
-    monkeypatch.setattr(offload.SparseTables, "_move", broken)
-    tables.prepare(stem.RowIndex.of(torch.tensor([1, 2])))
+    monkeypatch.setattr(offload.OffloadedRows, "_move", broken)
+    batch = stem.RowIndex.of(torch.tensor([1, 2]))
+    tables.prepare(batch)
     with pytest.raises(OSError, match="unreadable"):
-        tables.lookup(torch.tensor([1, 2]))
+        tables.lookup(batch)
 
 
 def test_tables_free_their_threads():
     import gc
-    tables = offload.SparseTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
-    (tables.lookup(torch.tensor([1, 2, 3, 4])) * 1.0).sum().backward()
+    tables = LazyTables(torch.randn(VOCAB, N_STEM, D_FF), "cpu", cache_rows=3, transient_rows=24)
+    (tables.lookup(stem.RowIndex.of(torch.tensor([1, 2, 3, 4]))) * 1.0).sum().backward()
     tables.step(0.1)
-    threads = [tables.worker.thread] + [queue.lane.thread for queue in tables.copies.values()]
-    assert all(t.is_alive() for t in threads)
-    del tables
+    tables.flush()              # every lane has run a job: its thread exists
+    lanes = [tables.rows.worker] + [queue.lane for queue in tables.rows.copies.values()]
+    threads = [t for t in threading.enumerate() if t.name.startswith(tuple(lane.name + "_" for lane in lanes))]
+    assert len(threads) == 3 and all(t.is_alive() for t in threads)
+    del tables, lanes
     gc.collect()
     for t in threads:
         t.join(timeout=5)

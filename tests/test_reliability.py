@@ -16,10 +16,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train  # noqa: E402
-from test_train import make_dataset  # noqa: E402
+import train
+import training
+from test_train import make_dataset
 
 # Large enough that the per-layer row expansion (B*T x d_ff = 512 x 192 elements) and its
 # backward run on several threads, which is where nondeterminism would show.
@@ -36,8 +35,10 @@ def checkpoint_tensors(out):
     tensors = dict(ckpt["model"])
     for i, state in ckpt["optimizer"]["state"].items():
         tensors.update({f"optimizer.{i}.{k}": v for k, v in state.items()})
-    if ckpt["table_optimizer"]:
-        tensors.update({f"tables.{k}": v for k, v in ckpt["table_optimizer"]["moments"].items()})
+    table_state = ckpt["table_optimizer"] or {}
+    tensors.update({f"tables.{k}": v for k, v in table_state.get("moments", {}).items()})     # lazy AdamW
+    for i, state in table_state.get("adamw", {}).get("state", {}).items():                   # dense AdamW
+        tensors.update({f"tables.adamw.{i}.{k}": v for k, v in state.items()})
     return ckpt["iter_num"], tensors
 
 
@@ -131,7 +132,7 @@ def test_a_save_refuses_non_finite_weights(data, tmp_path, monkeypatch):
     out = str(tmp_path / "o")
     train.main(args_of(data, out, max_iters=6, eval_interval=3))
     good = file_digest(os.path.join(out, "ckpt.pt"))
-    real_step = train.train_step
+    real_step = training.train_step
 
     def poisoning_step(model, *args):
         real_step(model, *args)
@@ -139,7 +140,7 @@ def test_a_save_refuses_non_finite_weights(data, tmp_path, monkeypatch):
             model.lm_head.weight[0, 0] = float("nan")
         return torch.ones(()), torch.ones(()), torch.ones(())      # a loss and norms that look fine
 
-    monkeypatch.setattr(train, "train_step", poisoning_step)
+    monkeypatch.setattr(training, "train_step", poisoning_step)
     with pytest.raises(SystemExit, match=r"^error: iter 9: non-finite weights in \S+ .*not saved, the last good "
                                          r"checkpoint \(.*ckpt.pt, iter 6\) is kept$"):
         train.main(args_of(data, out, init_from="resume", max_iters=12, eval_interval=3))

@@ -3,16 +3,18 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import configurator  # noqa: E402
-import train  # noqa: E402
-from model import GPTConfig  # noqa: E402
+import checkpoint
+import configurator
+import data
+import train
+import training
+from model import GPTConfig
+from moe import MoEConfig
 
 VOCAB = 64
 
@@ -56,7 +58,7 @@ def test_overrides_convert_types_and_later_wins(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("n_layer = 3\nlearning_rate = 1\ncompile = True\nstem_layers = 'half'\n")
     o = configurator.parse_overrides([str(cfg), "--n_layer=5", "--compile=false", "--dropout=0.5"],
-                              train.TrainConfig, GPTConfig)
+                              training.TrainConfig, GPTConfig)
     assert o == {"n_layer": 5, "learning_rate": 1.0, "compile": False, "stem_layers": "half", "dropout": 0.5}
     assert isinstance(o["learning_rate"], float)
 
@@ -70,7 +72,7 @@ def test_overrides_convert_types_and_later_wins(tmp_path):
 ])
 def test_bad_flags_give_clear_errors(argv, message):
     with pytest.raises(configurator.UsageError, match=message):
-        configurator.parse_overrides(argv, train.TrainConfig, GPTConfig)
+        configurator.parse_overrides(argv, training.TrainConfig, GPTConfig)
 
 
 def test_config_file_checks_types_and_keys(tmp_path):
@@ -78,18 +80,19 @@ def test_config_file_checks_types_and_keys(tmp_path):
     bad_type.write_text("n_layer = 'four'\n")
     bad_key.write_text("import os\nn_layers = 4\n")
     with pytest.raises(configurator.UsageError, match="'n_layer' expects int"):
-        configurator.parse_overrides([str(bad_type)], train.TrainConfig, GPTConfig)
+        configurator.parse_overrides([str(bad_type)], training.TrainConfig, GPTConfig)
     with pytest.raises(configurator.UsageError, match="unknown config key 'n_layers'.*did you mean 'n_layer'"):
-        configurator.parse_overrides([str(bad_key)], train.TrainConfig, GPTConfig)
+        configurator.parse_overrides([str(bad_key)], training.TrainConfig, GPTConfig)
 
 
 def test_shipped_configs_parse_and_build():
-    root = os.path.dirname(configurator.DATA_ROOT)
-    for name in ("tiny", "stem_350m", "dense_350m", "stem_1b"):
-        overrides = configurator.parse_overrides([os.path.join(root, "config", f"{name}.py")], train.TrainConfig, GPTConfig)
-        train_keys, model_keys = configurator.split_overrides(overrides, train.TrainConfig)
-        train.TrainConfig(**train_keys)
-        GPTConfig(**model_keys)
+    root = os.path.dirname(data.DATA_ROOT)
+    for name in sorted(os.listdir(os.path.join(root, "config"))):
+        overrides = configurator.parse_overrides([os.path.join(root, "config", name)], training.TrainConfig,
+                                                 GPTConfig, MoEConfig)
+        train_keys, model_keys = configurator.split_overrides(overrides, training.TrainConfig)
+        training.TrainConfig(**train_keys)
+        GPTConfig.from_dict(model_keys)
 
 
 def test_main_exits_with_message_not_traceback(tmp_path, capsys):
@@ -102,11 +105,11 @@ def test_main_exits_with_message_not_traceback(tmp_path, capsys):
 
 
 def test_missing_prepared_data_names_the_prepare_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(configurator, "DATA_ROOT", str(tmp_path))
+    monkeypatch.setattr(data, "DATA_ROOT", str(tmp_path))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "prepare.py").write_text("")
     with pytest.raises(configurator.UsageError, match=r"run `python .*mine/prepare.py` first"):
-        configurator.load_meta("mine")
+        data.load_meta("mine")
 
 
 def test_out_of_range_token_in_data_is_a_clear_error(tmp_path):
@@ -127,45 +130,66 @@ def test_bad_model_value_is_a_usage_error(tmp_path):
 # -- optimiser, schedule, clipping -------------------------------------------
 
 def test_lr_schedule_matches_formula():
-    tc = train.TrainConfig(learning_rate=1.0, warmup_iters=10, max_iters=110, min_lr_ratio=0.1)
-    assert train.lr_at(0, tc) == pytest.approx(1 / 11)
-    assert train.lr_at(9, tc) == pytest.approx(10 / 11)
-    assert train.lr_at(10, tc) == pytest.approx(1.0)
-    assert train.lr_at(60, tc) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert train.lr_at(110, tc) == pytest.approx(0.1)
-    assert train.lr_at(500, tc) == pytest.approx(0.1)
+    tc = training.TrainConfig(learning_rate=1.0, warmup_iters=10, max_iters=110, min_lr_ratio=0.1)
+    assert training.lr_at(0, tc) == pytest.approx(1 / 11)
+    assert training.lr_at(9, tc) == pytest.approx(10 / 11)
+    assert training.lr_at(10, tc) == pytest.approx(1.0)
+    assert training.lr_at(60, tc) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert training.lr_at(110, tc) == pytest.approx(0.1)
+    assert training.lr_at(500, tc) == pytest.approx(0.1)
 
 
 def test_optimizer_groups_and_table_defaults_follow_the_paper():
     from model import GPT
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=3, n_head=2, n_embd=32))
-    tc = train.TrainConfig(weight_decay=0.05, table_lr_mult=2.0)
-    groups = train.configure_optimizer(model, tc, "cpu").param_groups
-    table_group = [g for g in groups if any(p is model.tables.weight for p in g["params"])]
-    assert len(table_group) == 1 and len(table_group[0]["params"]) == 1
-    assert table_group[0]["weight_decay"] == 0.05 and table_group[0]["lr_mult"] == 2.0
+    tc = training.TrainConfig(weight_decay=0.05, table_lr_mult=2.0)
+    groups = training.configure_optimizer(model, tc).param_groups
     grouped = [p for g in groups for p in g["params"]]
-    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+    # the backbone's AdamW holds every parameter but the tables, once
+    assert len(grouped) + 1 == len(list(model.parameters())) and len({id(p) for p in grouped}) == len(grouped)
+    assert all(p is not model.tables.weight for p in grouped)
     for g in groups:
-        if g is not table_group[0]:
-            assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
+        assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
+    # the tables' own dense AdamW: the backbone's decay (the paper), every row decays
+    (table_group,) = model.tables.optimizer.param_groups
+    assert table_group["params"] == [model.tables.weight] and table_group["weight_decay"] == 0.05
+    assert training.TrainConfig(weight_decay=0.05, table_weight_decay=0.0).table_decay == 0.0
 
 
 def test_tables_and_backbone_are_clipped_separately():
     from model import GPT
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=3, n_head=2, n_embd=32))
+    training.configure_optimizer(model, training.TrainConfig())
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     model.tables.weight.grad.mul_(100.0)
     table = model.tables.weight.grad.norm().item()
     backbone = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters() if p is not model.tables.weight))
-    norms = train.clip_grads(model, train.TrainConfig(grad_clip=1.0, table_grad_clip=0.5))
-    assert float(norms[0]) == pytest.approx(backbone, rel=1e-5)
-    assert float(norms[1]) == pytest.approx(table, rel=1e-5)
-    assert model.tables.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-4)
+    norm = torch.nn.utils.clip_grad_norm_(training.backbone_parameters(model), 1.0)
+    assert float(norm) == pytest.approx(backbone, rel=1e-5)
     after = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters() if p is not model.tables.weight))
     assert after == pytest.approx(1.0, rel=1e-4)
+    # the tables clip on their own norm in their step, before their AdamW runs
+    seen = {}
+    model.tables.optimizer.step = lambda: seen.update(norm=model.tables.weight.grad.norm().item(),
+                                                      lr=model.tables.optimizer.param_groups[0]["lr"])
+    assert float(model.tables.step(0.25, 0.5)) == pytest.approx(table, rel=1e-5)
+    assert seen["norm"] == pytest.approx(0.5, rel=1e-4) and seen["lr"] == 0.25
+    assert model.tables.weight.grad is None
+
+
+def test_train_step_scales_the_table_learning_rate(tmp_path):
+    from model import GPT
+    dataset = make_dataset(tmp_path / "d")
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    tc = training.TrainConfig(table_lr_mult=2.0, batch_size=2, grad_accum_steps=2)
+    optimizer = training.configure_optimizer(model, tc)
+    loader = data.BatchLoader(os.path.join(dataset, "train.bin"), "uint16", 2, 16, VOCAB, "cpu", 0, True)
+    training.train_step(model, optimizer, loader, tc, 0.01, torch.autocast("cpu", enabled=False))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, 0.01]
+    assert model.tables.optimizer.param_groups[0]["lr"] == 0.02
+    assert loader.pending is not None          # the next micro-batch was drawn early, for its rows
 
 
 # -- training, resume, checkpoints --------------------------------------------
@@ -217,7 +241,7 @@ def test_resume_refuses_model_changes_and_missing_checkpoint(tmp_path):
 
 def test_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"x": torch.arange(10)}, path)
+    checkpoint.save({"x": torch.arange(10)}, path)
     real_save = torch.save
 
     def crash_midway(obj, f, *args, **kwargs):
@@ -227,6 +251,6 @@ def test_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint({"x": torch.zeros(10)}, path)
+        checkpoint.save({"x": torch.zeros(10)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(torch.load(path)["x"], torch.arange(10))

@@ -25,21 +25,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 import prepare as facts  # noqa: E402
-import sample  # noqa: E402
-import stem  # noqa: E402
+import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import stem  # noqa: E402
+import tasks  # noqa: E402
 from configurator import knob  # noqa: E402
 
 
 @dataclass
 class EvalConfig:
-    out_dir: str = "out-facts"
-    task: str = knob("recall", choices=("recall", "edit"))
-    attributes: str = "capital,continent,language,currency"
-    pairs: int = knob(100, ge=1)                # edit: ordered country pairs sampled
-    locality_countries: int = knob(10, ge=0)    # edit: other countries checked per pair
-    seed: int = knob(0, ge=0)
-    device: str = "cpu"
+    out_dir: str = knob("out-facts", help="the checkpoint (its folder or the file)")
+    task: str = knob("recall", choices=("recall", "edit"), help="recall: held-out wordings answered; edit: row swaps")
+    attributes: str = knob("capital,continent,language,currency", help="comma-separated attributes to ask about")
+    pairs: int = knob(100, ge=1, help="edit: ordered country pairs sampled")
+    locality_countries: int = knob(10, ge=0, help="edit: other countries checked per pair")
+    seed: int = knob(0, ge=0, help="edit: the draw of pairs and other countries")
+    device: str = knob("cpu", help="cpu | cuda | cuda:N")
 
     def __post_init__(self):
         configurator.check(self)
@@ -60,7 +61,7 @@ def complete_batch(model, tokenizer, prompts, max_new_tokens):
         idx = torch.tensor([encoded[i] for i in members], device=device)
         generated = model.generate(idx, max_new_tokens, temperature=0)[:, length:]
         for i, row in zip(members, generated.tolist()):
-            out[i] = sample.decode(model, tokenizer, row)
+            out[i] = tasks.decode(model, tokenizer, row)
     return out
 
 
@@ -137,8 +138,8 @@ def edit_eval(model, tokenizer, attributes, n_pairs, n_local, seed):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        ec = EvalConfig(**configurator.parse_overrides(argv, EvalConfig))
-        model, tokenizer = sample.load_checkpoint(ec.out_dir, ec.device)
+        ec = EvalConfig(**configurator.parse(argv, EvalConfig, doc=__doc__))
+        model, tokenizer = checkpoint.load_model(ec.out_dir, ec.device)
         attributes = [a for a in ec.attributes.split(",") if a]
     except configurator.UsageError as e:
         sys.exit(f"error: {e}")

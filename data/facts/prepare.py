@@ -281,12 +281,12 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class PrepareConfig:
-    out_dir: str = HERE
-    vocab_size: int = knob(2048, ge=64)
-    passes: int = knob(4, ge=1)         # each pass states every fact in every training wording once
-    few_shot_per_pass: int = knob(600, ge=0)
-    n_countries: int = knob(0, ge=0)    # 0: all; else a spread subset (small corpora for tests)
-    seed: int = knob(0, ge=0)
+    out_dir: str = knob(HERE, help="where train.bin, val.bin, meta.json and tokenizer.json go")
+    vocab_size: int = knob(2048, ge=64, help="of the byte-level BPE trained on the corpus")
+    passes: int = knob(4, ge=1, help="each pass states every fact in every training wording once")
+    few_shot_per_pass: int = knob(600, ge=0, help="few-shot documents (Country: X. Capital: Y.) per pass")
+    n_countries: int = knob(0, ge=0, help="0: all; else a spread subset (small corpora for tests)")
+    seed: int = knob(0, ge=0, help="the order of documents and the few-shot draws")
 
     def __post_init__(self):
         configurator.check(self)
@@ -401,7 +401,7 @@ def prepare(pc):
 
 def main(argv=None):
     try:
-        pc = PrepareConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, PrepareConfig))
+        pc = PrepareConfig(**configurator.parse(sys.argv[1:] if argv is None else argv, PrepareConfig, doc=__doc__))
         return prepare(pc)
     except configurator.UsageError as e:
         sys.exit(f"error: {e}")

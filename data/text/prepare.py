@@ -37,19 +37,20 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class TextConfig:
-    input: str = ""                 # comma-separated files and folders
-    glob: str = "*.txt"             # which files of a folder to read (recursively)
-    exclude: str = ""               # comma-separated folder names to skip, e.g. site-packages
-    out_dir: str = HERE
-    vocab_size: int = knob(32768, ge=64)   # of the BPE trained here
-    tokenizer: str = ""             # an existing tokenizer.json: no training
-    val_fraction: float = knob(0.01, gt=0, lt=1)   # of documents (files)
-    max_bytes: int = knob(0, ge=0)          # stop after this many input bytes (0: all)
-    chunk_bytes: int = knob(1 << 20, ge=1)
-    hf_dataset: str = ""            # a Hugging Face dataset name instead of --input (streamed)
-    hf_name: str = ""               # its configuration, if any
-    hf_split: str = "train"
-    hf_text_field: str = "text"
+    input: str = knob("", help="comma-separated files and folders")
+    glob: str = knob("*.txt", help="which files of a folder to read (recursively)")
+    exclude: str = knob("", help="comma-separated folder names to skip, e.g. site-packages")
+    out_dir: str = knob(HERE, help="where train.bin, val.bin, meta.json and tokenizer.json go")
+    vocab_size: int = knob(32768, ge=64, help="of the BPE trained here")
+    tokenizer: str = knob("", help="an existing tokenizer.json to use instead of training one")
+    val_fraction: float = knob(0.01, gt=0, lt=1, help="the fraction of documents (files) that go to val")
+    max_bytes: int = knob(0, ge=0, help="stop after this many input bytes (0: all)")
+    chunk_bytes: int = knob(1 << 20, ge=1, help="bytes read (and encoded) at a time, cut at a line break")
+    hf_dataset: str = knob("", help="a Hugging Face dataset name instead of --input (streamed; needs `datasets` "
+                                    "and the network), e.g. HuggingFaceFW/fineweb-edu")
+    hf_name: str = knob("", help="its configuration, if any, e.g. sample-10BT")
+    hf_split: str = knob("train", help="its split")
+    hf_text_field: str = knob("text", help="the field that holds a document's text")
 
     def __post_init__(self):
         configurator.check(self)
@@ -200,7 +201,7 @@ def prepare(tc):
 
 def main(argv=None):
     try:
-        tc = TextConfig(**configurator.parse_overrides(sys.argv[1:] if argv is None else argv, TextConfig))
+        tc = TextConfig(**configurator.parse(sys.argv[1:] if argv is None else argv, TextConfig, doc=__doc__))
         if not tc.input and not tc.hf_dataset:
             raise UsageError("give --input=FILES_OR_FOLDERS (or --hf_dataset=NAME)")
         return prepare(tc)

@@ -4,17 +4,13 @@ files, the metrics on hand-made cases, and the CLI."""
 import gzip
 import importlib.util
 import json
-import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval as downstream  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import tasks as downstream
+from model import GPT, GPTConfig
 
 VOCAB = 50
 

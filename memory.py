@@ -1,10 +1,10 @@
 """
 The memory plan of a training run: what train.py will hold on the device and on the
-host, by component, computed before anything is allocated.
+host, by component, computed before anything is allocated. docs/memory.md tells how.
 
     python train.py config/stem_350m.py --tables=offload --table_optimizer=adamw_catchup --dry_run=True
 
-- STEM tables: exactly the tensors offload.SparseTables allocates (offload.table_buffers),
+- STEM tables: exactly the tensors tables.LazyTables allocates (tables.table_buffers),
   or, with dense AdamW, the stem.ResidentTables parameter with its gradient and moments.
 - Backbone: fp32 weights, gradients and two AdamW moments, counted on a model built on
   the meta device (nothing is allocated).
@@ -15,15 +15,13 @@ host, by component, computed before anything is allocated.
   checkpoint's finiteness check): only the largest is counted, they never overlap.
 - Rows in flight (offloaded tables): the device must hold the unique ids of one optimiser
   step plus the prefetched micro-batch. Measured on the dataset by drawing windows exactly
-  as train.BatchLoader does (the run's own first steps, same seed), or, without the
+  as data.BatchLoader does (the run's own first steps, same seed), or, without the
   dataset, estimated from a Zipf model.
 
 Not counted: the CUDA context (~0.5 GiB) and the allocator's fragmentation; leave ~2 GiB.
-Imports no script (train.py imports this module).
 """
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import configurator
-import offload
-from configurator import DEVICE_HELP, UsageError
-from model import GPT, GPTConfig
+import data
+import tables
+from configurator import UsageError
+from model import GPT
 
 GiB = 2 ** 30
 MEASURE_STEPS = 200          # optimiser steps of windows drawn to measure the rows in flight
@@ -50,13 +48,6 @@ CATCHUP_CHUNK = 4096         # lazy_adamw.LazyAdamW.catch_up's chunk of rows
 
 # -----------------------------------------------------------------------------
 # rows in flight
-
-def draw_windows(data, generator, batch_size, block_size):
-    """A micro-batch of random windows, (B, T + 1) tokens, as train.BatchLoader draws it
-    (the inputs are [:, :-1], the targets [:, 1:])."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    return np.stack([data[i:i + block_size + 1] for i in ix.tolist()])
-
 
 @dataclass
 class InFlight:
@@ -85,7 +76,7 @@ def rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size
     loader) on the dataset's train.bin; estimated from a Zipf model when the bins are
     not there or use ids beyond vocab_size. Cached while train.bin is unchanged (the
     dry run, the fit check and the tables' slots ask for the same numbers)."""
-    path = os.path.join(configurator.data_dir_of(dataset), "train.bin")
+    path = os.path.join(data.data_dir_of(dataset), "train.bin")
     stamp = (os.stat(path).st_mtime_ns, os.path.getsize(path)) if os.path.exists(path) else None
     return _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, stamp)
 
@@ -93,15 +84,15 @@ def rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size
 @functools.lru_cache(maxsize=8)
 def _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, stamp):
     G = grad_accum_steps
-    meta = read_meta(dataset)
-    path = os.path.join(configurator.data_dir_of(dataset), "train.bin")
+    meta = data.read_meta(dataset)
+    path = os.path.join(data.data_dir_of(dataset), "train.bin")
     usable = (meta is not None and os.path.exists(path) and meta.get("dtype") in ("uint16", "uint32")
               and meta.get("vocab_size", math.inf) <= vocab_size)
-    data = np.memmap(path, dtype=meta["dtype"], mode="r") if usable else None
-    if data is not None and len(data) > block_size + 1:
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if usable else None
+    if tokens is not None and len(tokens) > block_size + 1:
         generator = torch.Generator().manual_seed(seed)
         # one sorted unique per micro-batch (B*T ids), then unions of a few thousand each
-        unique = [np.unique(draw_windows(data, generator, batch_size, block_size)[:, :-1])
+        unique = [np.unique(data.draw_windows(tokens, generator, batch_size, block_size)[:, :-1])
                   for _ in range(steps * G + 1)]
         in_flight = max(len(np.unique(np.concatenate(unique[k * G:k * G + G + 1]))) for k in range(steps))
         step = max(len(np.unique(np.concatenate(unique[k * G:k * G + G]))) for k in range(steps))
@@ -114,19 +105,6 @@ def _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_siz
                   f"real text needs fewer)")
     return InFlight(with_margin(in_flight, vocab_size), in_flight, with_margin(step, vocab_size),
                     with_margin(batch, vocab_size), source)
-
-
-def read_meta(dataset):
-    """The dataset's meta.json, or None when there is none (a dry run can plan without data)."""
-    try:
-        return configurator.load_meta(dataset)
-    except UsageError:          # bins missing or incomplete: the bare meta.json still names the vocabulary
-        try:
-            with open(os.path.join(configurator.data_dir_of(dataset), "meta.json")) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return meta if isinstance(meta, dict) else None
 
 
 def table_slots(tc, config):
@@ -198,10 +176,10 @@ class Plan:
     dtype: str = "float32"
     tables: str = "none"         # none | dense (AdamW over a resident parameter) | resident | offload
     transient_rows: int = 0
-    table_layout: dict = field(default_factory=dict)     # offload.table_buffers of lazy tables
+    table_layout: dict = field(default_factory=dict)     # tables.table_buffers of lazy tables
 
     def table_bytes(self):
-        """{place: bytes} of the lazy tables' buffers (places of offload.table_buffers)."""
+        """{place: bytes} of the lazy tables' buffers (places of tables.table_buffers)."""
         out = {}
         for shape, dt, place in self.table_layout.values():
             out[place] = out.get(place, 0) + nbytes(shape, dt)
@@ -295,7 +273,7 @@ def plan_run(tc, config, device, dtype):
         p.add("device", "table AdamW moments (2 x fp32)", 2 * table_bytes)
     elif sparse:
         cache_rows, transient = table_slots(tc, config)
-        buffers = offload.table_buffers(V, n_stem, d_ff, cache_rows=cache_rows, transient_rows=transient,
+        buffers = tables.table_buffers(V, n_stem, d_ff, cache_rows=cache_rows, transient_rows=transient,
                                         training=True, dtype=torch.float32, device_is_cuda=cuda)
         p.table_layout, p.transient_rows = buffers, transient
         for name, (shape, dt, place) in buffers.items():
@@ -312,7 +290,7 @@ def plan_run(tc, config, device, dtype):
         # host's weights and moments (the copies')
         n_views = n_slots * 4 + (V * 3 if offloaded else 0)
         p.add("host", f"row views for the lazy step{' and the copies' if offloaded else ''} ({n_views} tensor objects)",
-              n_views * offload.ROW_VIEW_BYTES)
+              n_views * tables.ROW_VIEW_BYTES)
         if offloaded:
             p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "
                            f"{tc.table_cache_fraction}) + {transient} transient "
@@ -374,47 +352,6 @@ def plan_run(tc, config, device, dtype):
     if not cuda:
         p.notes.append("the device is the CPU: device and host are the same memory")
     return p
-
-
-# -----------------------------------------------------------------------------
-# train.py's entry points
-
-def plan_device(device, dtype):
-    """configurator.resolve_device without asking for CUDA: a dry run plans a GPU run on any machine."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise UsageError(f"device must be {DEVICE_HELP}, got '{device}'")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
-def model_config(tc, model_overrides, meta):
-    """The GPTConfig a run would build: the checkpoint's on resume, else the overrides with
-    the dataset's vocabulary (or the config's, when the dataset is not there)."""
-    if tc.init_from == "resume":
-        checkpoint, _ = configurator.read_checkpoint(os.path.join(tc.out_dir, "ckpt.pt"), mmap=True)
-        return GPTConfig(**checkpoint["model_config"])
-    overrides = dict(model_overrides)
-    if meta is not None and "vocab_size" in meta:
-        overrides.setdefault("vocab_size", meta["vocab_size"])
-    try:
-        return GPTConfig(**overrides)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def dry_run(tc, model_overrides):
-    """Print the plan of the run (--dry_run=True) without allocating; return its totals."""
-    device, dtype = plan_device(tc.device, tc.dtype)
-    meta = read_meta(tc.dataset)
-    config = model_config(tc, model_overrides, meta)
-    p = plan_run(tc, config, device, dtype)
-    if meta is None:
-        p.notes.append(f"dataset '{tc.dataset}' not found: vocab_size {config.vocab_size} from the config")
-    print(p.format())
-    return {"device_bytes": p.total("device"), "host_bytes": p.total("host"), "plan": p}
 
 
 def check_fits(p, tc, device):

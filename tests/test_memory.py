@@ -1,5 +1,5 @@
-"""plan.py: the memory plan. Table bytes equal what offload.SparseTables allocates, the
-rows-in-flight measurement equals what train.BatchLoader hands out, the activation formula
+"""memory.py: the memory plan. Table bytes equal what LazyTables allocates, the
+rows-in-flight measurement equals what data.BatchLoader hands out, the activation formula
 matches the tensors autograd saves, and the dry run allocates nothing big."""
 
 import os
@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
-sys.path.insert(0, REPO_ROOT)
-import offload  # noqa: E402
-import plan  # noqa: E402
-import train  # noqa: E402
-from configurator import UsageError  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import data
+import memory
+import train
+import training
+from configurator import UsageError
+from model import GPT, GPTConfig
+from tables import LazyTables, table_buffers
 
-sys.path.insert(0, TESTS_DIR)
-from test_train import write_dataset  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from test_train import write_dataset
 
 VOCAB = 96
 
@@ -33,16 +33,16 @@ def zipf_dataset(folder, vocab_size=VOCAB, n_tokens=30_000, seed=0):
     return write_dataset(folder, tokens, vocab_size)
 
 
-def configs(data, **train_args):
-    args = dict(dataset=data, batch_size=3, grad_accum_steps=2, device="cpu", table_optimizer="lazy_adamw")
+def configs(dataset, **train_args):
+    args = dict(dataset=dataset, batch_size=3, grad_accum_steps=2, device="cpu", table_optimizer="lazy_adamw")
     args.update(train_args)
-    tc = train.TrainConfig(**args)
+    tc = training.TrainConfig(**args)
     config = GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=48)
     return tc, config
 
 
 def allocated_bytes(tables, layout):
-    """{place: bytes} of the tensors SparseTables allocated, placed by the plan's layout."""
+    """{place: bytes} of the tensors LazyTables allocated, placed by the plan's layout."""
     assert set(tables.allocated) == set(layout)
     out = {}
     for name, t in tables.allocated.items():
@@ -60,18 +60,19 @@ def allocated_bytes(tables, layout):
 def test_planned_table_bytes_equal_allocated_bytes(tmp_path, tables, optimizer, transient):
     tc, config = configs(zipf_dataset(tmp_path / "d"), tables=tables, table_optimizer=optimizer,
                          table_transient_rows=transient, table_cache_fraction=0.1)
-    p = plan.plan_run(tc, config, "cpu", "float32")
+    p = memory.plan_run(tc, config, "cpu", "float32")
     torch.manual_seed(0)
     model = GPT(config)
-    assert train.use_table_options(model, tc, config, "cpu")
+    training.build_tables(model, tc, "cpu")
+    assert isinstance(model.tables, LazyTables)
     assert allocated_bytes(model.tables, p.table_layout) == p.table_bytes()
     # and the plan's printed device/host lines carry exactly these bytes
     n_stem = len(config.stem_layer_ids)
     row = n_stem * config.d_ff * 4
     if tables == "offload":
-        cache_rows, transient_rows = plan.table_slots(tc, config)
+        cache_rows, transient_rows = memory.table_slots(tc, config)
         assert cache_rows == int(0.1 * VOCAB)
-        flight = plan.rows_in_flight(tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, VOCAB, tc.seed)
+        flight = memory.rows_in_flight(tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, VOCAB, tc.seed)
         assert transient_rows == (transient or flight.rows)
         assert p.table_bytes()["device"] == 4 * (cache_rows + transient_rows) * row    # weights, 2 moments, grad
         assert p.table_bytes()["host"] == 3 * VOCAB * row                             # weights, 2 moments
@@ -82,12 +83,12 @@ def test_planned_table_bytes_equal_allocated_bytes(tmp_path, tables, optimizer, 
 @pytest.mark.parametrize("cache_rows, transient", [(None, 0), (10, 20), (10, 0), (VOCAB, 5)])
 def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient):
     weight = torch.randn(VOCAB, 2, 8)
-    layout = offload.table_buffers(VOCAB, 2, 8, cache_rows=cache_rows, transient_rows=transient,
+    layout = table_buffers(VOCAB, 2, 8, cache_rows=cache_rows, transient_rows=transient,
                                    training=False, dtype=torch.bfloat16)
-    tables = offload.SparseTables(weight, "cpu", cache_rows, transient, training=False, dtype=torch.bfloat16)
+    tables = LazyTables(weight, "cpu", cache_rows, transient, training=False, dtype=torch.bfloat16)
     planned = {}
     for shape, dtype, place in layout.values():
-        planned[place] = planned.get(place, 0) + plan.nbytes(shape, dtype)
+        planned[place] = planned.get(place, 0) + memory.nbytes(shape, dtype)
     assert allocated_bytes(tables, layout) == planned
     assert all(dtype == torch.bfloat16 for _, dtype, _ in layout.values())     # weights only, no moments
     assert not any("exp_avg" in name or "grad" in name for name in layout)
@@ -96,7 +97,7 @@ def test_inference_table_buffers_equal_allocated_bytes(cache_rows, transient):
 def test_only_training_host_tables_are_pinned_on_cuda():
     """Training copies rows in place to and from its host tables, so on CUDA they are
     page-locked; inference tables may be a mapped checkpoint, which pinning would read whole."""
-    places = lambda training, cuda: {name: place for name, (_, _, place) in offload.table_buffers(
+    places = lambda training, cuda: {name: place for name, (_, _, place) in table_buffers(
         VOCAB, 2, 8, cache_rows=10, transient_rows=5, training=training, device_is_cuda=cuda).items()
         if name.startswith("host.")}
     assert set(places(True, True).values()) == {"pinned"} and len(places(True, True)) == 3
@@ -105,7 +106,7 @@ def test_only_training_host_tables_are_pinned_on_cuda():
 
 def test_dense_adamw_plan_counts_weight_gradient_and_moments(tmp_path):
     tc, config = configs(zipf_dataset(tmp_path / "d"), table_optimizer="adamw")
-    p = plan.plan_run(tc, config, "cpu", "float32")
+    p = memory.plan_run(tc, config, "cpu", "float32")
     table = VOCAB * len(config.stem_layer_ids) * config.d_ff * 4
     table_rows = [b for place, name, b, _ in p.rows if place == "device" and name.startswith("table")]
     assert sum(table_rows) == 4 * table and p.table_layout == {}
@@ -114,13 +115,13 @@ def test_dense_adamw_plan_counts_weight_gradient_and_moments(tmp_path):
 @pytest.mark.parametrize("extra", [{}, {"tables": "offload", "table_optimizer": "adamw_catchup"}],
                          ids=["dense-adamw", "offload-catchup"])
 def test_planned_checkpoint_size_is_the_file_written(tmp_path, extra):
-    data = zipf_dataset(tmp_path / "d")
-    args = dict(dataset=data, out_dir=str(tmp_path / "out"), device="cpu", batch_size=3, grad_accum_steps=2,
+    dataset = zipf_dataset(tmp_path / "d")
+    args = dict(dataset=dataset, out_dir=str(tmp_path / "out"), device="cpu", batch_size=3, grad_accum_steps=2,
                 max_iters=2, eval_interval=2, eval_iters=1, log_interval=1, warmup_iters=1, **extra)
     shape = dict(block_size=16, n_layer=3, n_head=2, n_embd=32, d_ff=48)
     train.main([f"--{k}={v}" for k, v in {**args, **shape}.items()])
-    tc, config = train.TrainConfig(**args), GPTConfig(vocab_size=VOCAB, **shape)
-    planned = sum(b for _, b in plan.plan_run(tc, config, "cpu", "float32").checkpoint)
+    tc, config = training.TrainConfig(**args), GPTConfig(vocab_size=VOCAB, **shape)
+    planned = sum(b for _, b in memory.plan_run(tc, config, "cpu", "float32").checkpoint)
     written = os.path.getsize(tmp_path / "out" / "ckpt.pt")
     assert planned <= written <= planned * 1.05 + 64 * 1024     # + rng state, config, pickle framing
 
@@ -129,42 +130,45 @@ def test_planned_checkpoint_size_is_the_file_written(tmp_path, extra):
 
 @pytest.mark.parametrize("grad_accum_steps", [1, 3])
 def test_rows_in_flight_equal_what_the_loader_holds(tmp_path, grad_accum_steps):
-    """Independent of plan's own loop: train.BatchLoader with lookahead, consumed as
-    train_step does; the device holds a step's micro-batches and the prefetched one."""
-    data = zipf_dataset(tmp_path / "d", vocab_size=400, n_tokens=20_000)
+    """Independent of the plan's own loop: data.BatchLoader, consumed as train_step does
+    (next, then peek); the device holds a step's micro-batches and the prefetched one."""
+    dataset = zipf_dataset(tmp_path / "d", vocab_size=400, n_tokens=20_000)
     B, T, steps, seed = 2, 24, 40, 7
-    flight = plan.rows_in_flight(data, B, T, grad_accum_steps, 400, seed, steps=steps)
-    loader = train.BatchLoader(os.path.join(data, "train.bin"), "uint16", B, T, 400, "cpu", seed,
-                               with_row_index=True, lookahead=True)
+    flight = memory.rows_in_flight(dataset, B, T, grad_accum_steps, 400, seed, steps=steps)
+    loader = data.BatchLoader(os.path.join(dataset, "train.bin"), "uint16", B, T, 400, "cpu", seed,
+                              with_row_index=True)
     truth, step_truth, batch_truth = 0, 0, 0
     for _ in range(steps):
-        batches = [loader.next() for _ in range(grad_accum_steps)]
-        held = [b.row_index_cpu.unique_ids.numpy() for b in batches]
-        pending = loader.pending.row_index_cpu.unique_ids.numpy()
+        batches = []
+        for _ in range(grad_accum_steps):
+            batches.append(loader.next())
+            loader.peek()
+        held = [b.row_index.unique_ids.numpy() for b in batches]
+        pending = loader.peek().row_index.unique_ids.numpy()
         truth = max(truth, len(np.unique(np.concatenate(held + [pending]))))
         step_truth = max(step_truth, len(np.unique(np.concatenate(held))))
         batch_truth = max(batch_truth, *(len(h) for h in held))
     assert flight.in_flight == truth and "measured" in flight.source
-    assert flight.rows >= truth and flight.rows == plan.with_margin(truth, 400)
+    assert flight.rows >= truth and flight.rows == memory.with_margin(truth, 400)
     assert flight.step >= step_truth and flight.batch >= batch_truth
 
 
 def test_rows_in_flight_without_data_come_from_a_zipf_model(tmp_path):
-    flight = plan.rows_in_flight(str(tmp_path / "missing"), 16, 1024, 4, 50304, 0)
+    flight = memory.rows_in_flight(str(tmp_path / "missing"), 16, 1024, 4, 50304, 0)
     assert "Zipf" in flight.source
     assert flight.batch < flight.step < flight.in_flight <= flight.rows < 50304
     # the i.i.d. estimate against a direct simulation of the same model
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, 5001) ** 1.1
     draws = [len(np.unique(rng.choice(5000, size=3000, p=p / p.sum()))) for _ in range(20)]
-    assert abs(plan.zipf_unique(5000, 3000) - np.mean(draws)) < 0.02 * np.mean(draws)
+    assert abs(memory.zipf_unique(5000, 3000) - np.mean(draws)) < 0.02 * np.mean(draws)
 
 
 def test_a_model_wider_than_the_data_still_measures_and_caps_at_the_vocabulary(tmp_path):
-    data = zipf_dataset(tmp_path / "d", vocab_size=20, n_tokens=5000)
-    flight = plan.rows_in_flight(data, 8, 32, 4, 24, 0, steps=20)
+    dataset = zipf_dataset(tmp_path / "d", vocab_size=20, n_tokens=5000)
+    flight = memory.rows_in_flight(dataset, 8, 32, 4, 24, 0, steps=20)
     assert "measured" in flight.source and flight.rows == 24        # capped at vocab_size
-    assert "Zipf" in plan.rows_in_flight(data, 8, 32, 4, 16, 0, steps=20).source   # ids beyond the model's
+    assert "Zipf" in memory.rows_in_flight(dataset, 8, 32, 4, 16, 0, steps=20).source   # ids beyond the model's
 
 
 # -- activations ----------------------------------------------------------------------
@@ -199,7 +203,7 @@ def saved_bytes(config, batch_size):
 def test_activation_estimate_matches_saved_tensors(shape):
     config = GPTConfig(**shape)
     batch_size = 3
-    estimate = sum(plan.activation_bytes(config, batch_size, 4).values())
+    estimate = sum(memory.activation_bytes(config, batch_size, 4).values())
     measured = saved_bytes(config, batch_size)
     assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
 
@@ -229,8 +233,8 @@ def test_dry_run_of_the_350m_config_prints_the_plan_and_allocates_nothing_big():
 
 
 def test_dry_run_plans_a_cuda_run_without_cuda(tmp_path, capsys):
-    data = zipf_dataset(tmp_path / "d")
-    train.main([f"--dataset={data}", "--device=cuda", "--dry_run=True", "--n_layer=2", "--n_embd=32",
+    dataset = zipf_dataset(tmp_path / "d")
+    train.main([f"--dataset={dataset}", "--device=cuda", "--dry_run=True", "--n_layer=2", "--n_embd=32",
                 "--n_head=2", "--block_size=16", "--tables=offload", "--table_optimizer=adamw_catchup"])
     out = capsys.readouterr().out
     assert "bfloat16 on cuda" in out and "pinned" in out and out.strip().splitlines()[-1].startswith("plan: ")
@@ -238,12 +242,12 @@ def test_dry_run_plans_a_cuda_run_without_cuda(tmp_path, capsys):
 
 def test_a_run_that_cannot_fit_stops_naming_the_knobs(tmp_path, monkeypatch):
     tc, config = configs(zipf_dataset(tmp_path / "d"), tables="offload")
-    p = plan.plan_run(tc, config, "cuda", "bfloat16")
+    p = memory.plan_run(tc, config, "cuda", "bfloat16")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (p.total("device") - 1, 80 * 2**30))
     with pytest.raises(UsageError, match="table_cache_fraction.*table_transient_rows.*batch_size"):
-        plan.check_fits(p, tc, "cuda")
+        memory.check_fits(p, tc, "cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (p.total("device"), 80 * 2**30))
-    plan.check_fits(p, tc, "cuda")          # exactly enough is enough
+    memory.check_fits(p, tc, "cuda")          # exactly enough is enough
 
 
 # -- on a GPU ----------------------------------------------------------------------------
@@ -252,11 +256,11 @@ def test_a_run_that_cannot_fit_stops_naming_the_knobs(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_planned_device_table_bytes_are_what_cuda_allocates(tmp_path):
     tc, config = configs(zipf_dataset(tmp_path / "d"), tables="offload", device="cuda")
-    p = plan.plan_run(tc, config, "cuda", "bfloat16")
+    p = memory.plan_run(tc, config, "cuda", "bfloat16")
     model = GPT(config)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    train.use_table_options(model, tc, config, "cuda")
+    training.build_tables(model, tc, "cuda")
     allocated = torch.cuda.memory_allocated() - before
     planned = p.table_bytes()["device"]
     # the caching allocator rounds each tensor up to 512 bytes; the anchor and slot maps are small
@@ -267,8 +271,8 @@ def test_planned_device_table_bytes_are_what_cuda_allocates(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_run_that_cannot_fit_stops_before_building(tmp_path, monkeypatch):
-    data = zipf_dataset(tmp_path / "d")
+    dataset = zipf_dataset(tmp_path / "d")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
     with pytest.raises(SystemExit, match="error: the run needs .* GiB on cuda but 0.00 GiB are free; try "):
-        train.main([f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", "--device=cuda", "--n_layer=2",
+        train.main([f"--dataset={dataset}", f"--out_dir={tmp_path / 'out'}", "--device=cuda", "--n_layer=2",
                     "--n_embd=32", "--n_head=2", "--block_size=16", "--max_iters=1"])
