@@ -92,7 +92,13 @@ def analyze(ac):
     table = model.tables.read_rows(ids)                                   # (K, n_stem, d_ff)
     stem_layers = model.config.stem_layer_ids
     dense_stats = {}
-    if ac.dense_out_dir:
+    make_twin = (f"`python train.py --ffn=dense --out_dir={ac.dense_out_dir or 'out-facts-dense'}` with the STEM "
+                 f"run's other flags")
+    if not ac.dense_out_dir:
+        print(f"no --dense_out_dir: STEM rows only; a dense twin to compare with comes from {make_twin}")
+    elif not os.path.exists(checkpoint.path_of(ac.dense_out_dir)):
+        raise UsageError(f"no dense twin at {checkpoint.path_of(ac.dense_out_dir)}: train one with {make_twin}")
+    else:
         dense, _ = checkpoint.load_model(ac.dense_out_dir, need_tokenizer=False)
         if dense.config.ffn != "dense":
             raise UsageError(f"--dense_out_dir={ac.dense_out_dir} is not a dense model")

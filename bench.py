@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import configurator
@@ -220,44 +221,62 @@ def bench_train(bc, device, dtype):
     # each runner's stream: warm-up, the rounds, and one batch more (the last step prepares it)
     stream = warmup + sum(rounds, []) + make(1)
     cuda = device.startswith("cuda")
-    runners = []
-    if not cuda:
-        # all models at once, timed in alternating rounds; drift_corrected_ratio takes out the drift
-        runners = [Runner(name, config, bc, device, dtype, kind) for name, config, kind in specs]
-        for runner in runners:
-            # the dense model runs the last round twice: every other round lies between two of its rounds
-            runner.feed(stream[:-1] + rounds[-1] + stream[-1:] if runner is runners[0] else stream)
-            time_steps(runner, bc.warmup)            # allocator, caches
-        for _ in rounds:
-            for runner in runners:
-                time_round(runner, bc.steps)
-        time_round(runners[0], bc.steps)
-        for runner in runners:
-            runner.summary = summarize(runner)
-            runner.ratio = drift_corrected_ratio(runner.rounds, runners[0].rounds) if runner is not runners[0] else 1.0
-    else:
-        # one at a time on a GPU (the 350M twins need not fit together), each with its own peak memory
-        for name, config, kind in specs:
-            runner = Runner(name, config, bc, device, dtype, kind)
-            runner.feed(stream)
-            time_steps(runner, bc.warmup)            # compile, allocator, caches
-            torch.cuda.reset_peak_memory_stats()
-            for _ in rounds:
-                runner.times += time_steps(runner, bc.steps)
-            runner.ratio = statistics.median(runner.times) / statistics.median(runners[0].times) if runners else 1.0
-            runner.peak_memory = torch.cuda.max_memory_allocated()
-            runners.append(runner)
-            runner.summary = summarize(runner)
-            runner.model = runner.raw_model = runner.optimizer = None
-            torch.cuda.empty_cache()
+    runners = (time_one_after_another if cuda else time_in_alternation)(specs, bc, device, dtype, stream, rounds)
+    uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / (bc.batch_size * block_size) for b in make(10)]
+    report_train(bc, runners, device, dtype, block_size, np.mean(uniques))
+    return runners
 
+
+def time_in_alternation(specs, bc, device, dtype, stream, rounds):
+    """The CPU: all models at once, timed in alternating rounds, the dense model one more
+    at the end; drift_corrected_ratio takes out the machine's drift."""
+    runners = [Runner(name, config, bc, device, dtype, kind) for name, config, kind in specs]
+    progress = tqdm(total=len(runners) * (bc.warmup + bc.rounds * bc.steps) + bc.steps, desc="steps", leave=False)
+    for runner in runners:
+        # the dense model runs the last round twice: every other round lies between two of its rounds
+        runner.feed(stream[:-1] + rounds[-1] + stream[-1:] if runner is runners[0] else stream)
+        time_steps(runner, bc.warmup)            # allocator, caches
+        progress.update(bc.warmup)
+    for _ in rounds:
+        for runner in runners:
+            time_round(runner, bc.steps)
+            progress.update(bc.steps)
+    time_round(runners[0], bc.steps)
+    progress.close()
+    for runner in runners:
+        runner.summary = summarize(runner)
+        runner.ratio = drift_corrected_ratio(runner.rounds, runners[0].rounds) if runner is not runners[0] else 1.0
+    return runners
+
+
+def time_one_after_another(specs, bc, device, dtype, stream, rounds):
+    """A GPU: one model at a time (the 350M twins need not fit together), each with its own
+    peak memory; median step over the dense model's median step."""
+    runners = []
+    for name, config, kind in tqdm(specs, desc="models", leave=False):
+        runner = Runner(name, config, bc, device, dtype, kind)
+        runner.feed(stream)
+        time_steps(runner, bc.warmup)            # compile, allocator, caches
+        torch.cuda.reset_peak_memory_stats()
+        for _ in rounds:
+            runner.times += time_steps(runner, bc.steps)
+        runner.ratio = statistics.median(runner.times) / statistics.median(runners[0].times) if runners else 1.0
+        runner.peak_memory = torch.cuda.max_memory_allocated()
+        runners.append(runner)
+        runner.summary = summarize(runner)
+        runner.model = runner.raw_model = runner.optimizer = None
+        torch.cuda.empty_cache()
+    return runners
+
+
+def report_train(bc, runners, device, dtype, block_size, unique_fraction):
+    cuda = device.startswith("cuda")
     tokens_per_step = bc.batch_size * block_size
     dense_flops = runners[0].summary["flops"]
-    uniques = [stem.RowIndex.of(b[:, :-1]).unique_ids.numel() / tokens_per_step for b in make(10)]
     print(f"device {device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), "
           f"dtype {dtype}, batch {bc.batch_size}x{block_size}, median of {bc.rounds * bc.steps} steps"
           f"{'' if cuda else ' (dense: one more round)'}, "
-          f"unique/total tokens per batch {np.mean(uniques):.3f}")
+          f"unique/total tokens per batch {unique_fraction:.3f}")
     if not cuda:
         print(f"time ratio: median over the {bc.rounds} rounds of the round's median step / the dense model's "
               f"at that moment (interpolated between the dense rounds around it)")

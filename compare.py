@@ -39,6 +39,7 @@ class CompareConfig:
     train_args: str = knob("", help="extra --key=value flags for every run, space-separated")
     spike_margin: float = knob(0.2, gt=0, help="a spike is a loss above (1 + margin) x its running mean")
     seed: int = knob(0, ge=0, help="every run's seed (weights and batches)")
+    plot: str = knob("", help="where the plot goes; default: out_dir/results.png (needs matplotlib)")
     device: str = knob("auto", help=configurator.DEVICE_HELP)
 
     def __post_init__(self):
@@ -144,7 +145,9 @@ def write_results(bc, rows):
     ax.set_title(f"{bc.dataset}: loss vs FLOPs")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(bc.out_dir, "results.png"), dpi=120)
+    path = bc.plot or os.path.join(bc.out_dir, "results.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None):

@@ -133,7 +133,8 @@ def print_help(doc, *config_classes):
             rules += [f"{word} {f.metadata[r]}" for r, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
                       if r in f.metadata]
             text = f.metadata["help"] + (f" [{'; '.join(rules)}]" if rules else "")
-            head = f"  --{f.name}={f.default}"
+            default = f'"{f.default}"' if isinstance(f.default, str) and " " in f.default else f.default
+            head = f"  --{f.name}={default}"        # quoted when it has spaces: copy it to a shell as is
             lines = textwrap.wrap(text, width - 34) or [""]
             print(f"{head:<33} {lines[0]}" if len(head) < 33 else f"{head}\n{'':<33} {lines[0]}")
             for line in lines[1:]:

@@ -193,6 +193,12 @@ class Plan:
         fixed = sum(b for p, _, b, _ in self.rows if p == place)
         return fixed + max([b for p, _, b, _ in self.rows if p == place + "*"], default=0)
 
+    def total_one_memory(self):
+        """A CPU run's peak: device and host are one memory, and the working sets of both
+        never overlap."""
+        fixed = sum(b for p, _, b, _ in self.rows if p in ("device", "host"))
+        return fixed + max([b for p, _, b, _ in self.rows if p in ("device*", "host*")], default=0)
+
     def format(self):
         lines = list(self.header)
         for place, title in (("device", f"device ({self.device})"), ("host", "host")):
@@ -221,7 +227,7 @@ def nbytes(shape, dtype):
 
 
 def checkpoint_bytes(model, tc, sparse):
-    """What train.py's checkpoint_now writes: model state (tied weights once), AdamW
+    """What train.py's save() writes: model state (tied weights once), AdamW
     state, the lazy tables' moments and catch-up history."""
     params = {id(p): p for p in model.parameters()}
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -237,44 +243,78 @@ def checkpoint_bytes(model, tc, sparse):
     return parts
 
 
+@dataclass
+class Shape:
+    """What the parts of a plan read of a run: its knobs, its model on the meta device, and
+    the sizes derived from them."""
+    tc: object
+    config: object
+    device: str
+    dtype: str
+    model: object
+
+    def __post_init__(self):
+        c, tc = self.config, self.tc
+        self.cuda = self.device.startswith("cuda")
+        self.a = 2 if self.dtype == "bfloat16" else 4           # bytes of an activation
+        self.table = self.model.tables.weight if self.model.tables is not None else None
+        self.sparse = self.table is not None and tc.table_optimizer != "adamw"
+        self.offloaded = self.sparse and tc.tables == "offload"
+        self.V, self.C, self.B, self.T, self.G = c.vocab_size, c.n_embd, tc.batch_size, c.block_size, tc.grad_accum_steps
+        self.n_stem = len(c.stem_layer_ids)
+        self.row = self.n_stem * c.d_ff * 4                      # one fp32 row, every STEM layer
+        self.table_bytes = self.table.numel() * 4 if self.table is not None else 0
+        self.flight = rows_in_flight(tc.dataset, self.B, self.T, self.G, self.V, tc.seed) if self.table is not None \
+            else None
+        self.U = self.flight.batch if self.flight else 0         # rows of one micro-batch's lookup
+        self.backbone = [q for q in self.model.parameters() if q is not self.table]
+        self.n_backbone = sum(q.numel() for q in self.backbone)
+        self.n_slots = self.V                                     # device slots of lazy tables (offloaded: fewer)
+        if self.offloaded:
+            cache_rows, transient = table_slots(tc, c)
+            self.n_slots = min(cache_rows, self.V) + transient
+
+
 def plan_run(tc, config, device, dtype):
     """The Plan of a training run with TrainConfig tc and GPTConfig config on `device`
     ('cpu' | 'cuda' | 'cuda:N') with compute dtype `dtype` ('float32' | 'bfloat16')."""
     with torch.device("meta"):      # shapes only: nothing is allocated
         model = GPT(config)
-    cuda = device.startswith("cuda")
-    a = 2 if dtype == "bfloat16" else 4
-    table = model.tables.weight if model.tables is not None else None
-    sparse = table is not None and tc.table_optimizer != "adamw"
-    offloaded = sparse and tc.tables == "offload"
-    p = Plan(device=device, dtype=dtype, tables="none" if table is None else tc.tables if sparse else "dense")
-    V, C, B, T, G = config.vocab_size, config.n_embd, tc.batch_size, config.block_size, tc.grad_accum_steps
-    n_stem, d_ff = len(config.stem_layer_ids), config.d_ff
-    row = n_stem * d_ff * 4                                  # one fp32 row, every STEM layer
-    table_bytes = table.numel() * 4 if table is not None else 0
-    flight = rows_in_flight(tc.dataset, B, T, G, V, tc.seed) if table is not None else None
-    U = flight.batch if flight else 0                        # rows of one micro-batch's lookup
+    s = Shape(tc, config, device, dtype, model)
+    p = Plan(device=device, dtype=dtype, tables="none" if s.table is None else tc.tables if s.sparse else "dense")
+    total, active = s.model.num_params()
+    p.header.append(f"model: {total / 1e6:.1f}M params, {active / 1e6:.1f}M active, "
+                    f"{s.model.flops_per_token() / 1e9:.3f} GFLOPs/token forward (T={s.T}), {config.ffn} layers "
+                    f"{len(config.sparse_layer_ids)} of {config.n_layer}")
+    p.header.append(f"memory plan: {config.n_layer} layers, n_embd {s.C}, vocab {s.V}, {s.n_stem} STEM layers of "
+                    f"d_ff {config.d_ff}; micro-batch {s.B} x {s.T}, grad_accum_steps {s.G}; {dtype} on {device}"
+                    + (f"; tables {tc.tables}, {tc.table_optimizer}" if s.table is not None else ""))
+    p.add("device", f"backbone weights ({s.n_backbone / 1e6:.1f}M params, fp32)", s.n_backbone * 4)
+    p.add("device", "backbone gradients (fp32)", s.n_backbone * 4)
+    p.add("device", "backbone AdamW moments (2 x fp32)", s.n_backbone * 8)
+    p.add("device", "buffers (RoPE, ...)", sum(b.numel() * b.element_size() for b in s.model.buffers()))
+    plan_tables(p, s)
+    plan_device_working_sets(p, s)
+    plan_host_working_sets(p, s)
+    if tc.compile:
+        p.notes.append("compile=True: activations planned as in eager mode (a compiled graph usually saves less)")
+    if not s.cuda:
+        p.notes.append(f"the device is the CPU: device and host are one memory, {p.total_one_memory() / GiB:.2f} GiB "
+                       f"at the peak")
+    return p
 
-    backbone = [q for q in model.parameters() if q is not table]
-    n_backbone = sum(q.numel() for q in backbone)
-    p.header.append(f"memory plan: {config.n_layer} layers, n_embd {C}, vocab {V}, {n_stem} STEM layers of "
-                    f"d_ff {d_ff}; micro-batch {B} x {T}, grad_accum_steps {G}; {dtype} on {device}"
-                    + (f"; tables {tc.tables}, {tc.table_optimizer}" if table is not None else ""))
-    p.add("device", f"backbone weights ({n_backbone / 1e6:.1f}M params, fp32)", n_backbone * 4)
-    p.add("device", "backbone gradients (fp32)", n_backbone * 4)
-    p.add("device", "backbone AdamW moments (2 x fp32)", n_backbone * 8)
-    p.add("device", "buffers (RoPE, ...)", sum(b.numel() * b.element_size() for b in model.buffers()))
 
-    # the tables: exactly what will be allocated
-    n_slots = V
-    if table is not None and not sparse:
-        p.add("device", f"table weights {tuple(table.shape)} (dense AdamW, fp32)", table_bytes)
-        p.add("device", "table gradient (dense, fp32)", table_bytes)
-        p.add("device", "table AdamW moments (2 x fp32)", 2 * table_bytes)
-    elif sparse:
-        cache_rows, transient = table_slots(tc, config)
-        buffers = tables.table_buffers(V, n_stem, d_ff, cache_rows=cache_rows, transient_rows=transient,
-                                        training=True, dtype=torch.float32, device_is_cuda=cuda)
+def plan_tables(p, s):
+    """The tables: exactly what will be allocated."""
+    tc, V = s.tc, s.V
+    if s.table is not None and not s.sparse:
+        p.add("device", f"table weights {tuple(s.table.shape)} (dense AdamW, fp32)", s.table_bytes)
+        p.add("device", "table gradient (dense, fp32)", s.table_bytes)
+        p.add("device", "table AdamW moments (2 x fp32)", 2 * s.table_bytes)
+    elif s.sparse:
+        cache_rows, transient = table_slots(tc, s.config)
+        buffers = tables.table_buffers(V, s.n_stem, s.config.d_ff, cache_rows=cache_rows, transient_rows=transient,
+                                       training=True, dtype=torch.float32, device_is_cuda=s.cuda)
         p.table_layout, p.transient_rows = buffers, transient
         for name, (shape, dt, place) in buffers.items():
             what = {"pool.weight": "table weights", "pool.exp_avg": "table first moments",
@@ -284,88 +324,114 @@ def plan_run(tc, config, device, dtype):
             p.add("device" if place == "device" else "host",
                   f"{what}{' pinned' if place == 'pinned' else ''} ({shape[0]} rows, {str(dt).replace('torch.', '')})",
                   nbytes(shape, dt))
-        if offloaded:
-            n_slots = min(cache_rows, V) + transient
         # a view per row of the pool's weights, moments and gradient (the lazy step's), and of the
         # host's weights and moments (the copies')
-        n_views = n_slots * 4 + (V * 3 if offloaded else 0)
-        p.add("host", f"row views for the lazy step{' and the copies' if offloaded else ''} ({n_views} tensor objects)",
-              n_views * tables.ROW_VIEW_BYTES)
-        if offloaded:
+        n_views = s.n_slots * 4 + (V * 3 if s.offloaded else 0)
+        p.add("host", f"row views for the lazy step{' and the copies' if s.offloaded else ''} ({n_views} tensor "
+                      f"objects)", n_views * tables.ROW_VIEW_BYTES)
+        if s.offloaded:
             p.notes.append(f"device slots: {min(cache_rows, V)} cache (table_cache_fraction "
                            f"{tc.table_cache_fraction}) + {transient} transient "
                            + ("(table_transient_rows)" if tc.table_transient_rows else
-                              f"(rows in flight {flight.in_flight} + {MARGIN[0]:.0%} + {MARGIN[1]})"))
-    if flight is not None:
-        p.notes.append(f"rows in flight: at most {flight.in_flight} unique ids in {G} micro-batches + 1 prefetched, "
-                       f"{flight.batch} planned per micro-batch, {flight.step} per step; {flight.source}")
+                              f"(rows in flight {s.flight.in_flight} + {MARGIN[0]:.0%} + {MARGIN[1]})"))
+    if s.flight is not None:
+        p.notes.append(f"rows in flight: at most {s.flight.in_flight} unique ids in {s.G} micro-batches + 1 "
+                       f"prefetched, {s.flight.batch} planned per micro-batch, {s.flight.step} per step; "
+                       f"{s.flight.source}")
 
-    # working sets on the device, on top of the above; they do not overlap
-    acts = activation_bytes(config, B, a)
+
+def plan_device_working_sets(p, s):
+    """Working sets on the device, on top of what stays; they do not overlap."""
+    tc, B, T, V, a, U, row = s.tc, s.B, s.T, s.V, s.a, s.U, s.row
+    acts = activation_bytes(s.config, B, a)
     held = B * T * V * a                                  # the logits
     logits = held + (B * T * V * 4 if a != 4 else 0)      # + a float32 copy
-    casts = sum(q.numel() for q in backbone if q.dim() >= 2 and (q is not model.wte.weight or config.tie_embeddings))
+    casts = sum(q.numel() for q in s.backbone
+                if q.dim() >= 2 and (q is not s.model.wte.weight or s.config.tie_embeddings))
     casts = casts * 2 if a != 4 else 0                    # autocast's bf16 copies of the matmul weights
     p.add("device*", f"forward/backward of a micro-batch ({B} x {T})", sum(acts.values()) + logits + casts + U * row,
           "saved for backward: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in acts.items())
           + f"; logits {logits / GiB:.2f}" + (f"; bf16 weights {casts / GiB:.2f}" if casts else "")
           + (f"; looked-up rows {U * row / GiB:.2f}" if U else "") + " GiB")
-    if table is not None:
+    if s.table is not None:
         # the lookup's backward, after the layers': n_stem per-layer (U, d_ff) gradients, then their
         # stack; dense tables: index_select's backward is a zeroed table-sized gradient, added
         # into .grad from the second micro-batch of a step on
-        dense_grad = table_bytes if not sparse and G > 1 else 0
+        dense_grad = s.table_bytes if not s.sparse and s.G > 1 else 0
         p.add("device*", "end of backward: the looked-up rows' gradients"
               + (", a table-sized gradient added into .grad" if dense_grad else ""), 2 * U * row + held + dense_grad)
-    if sparse:
-        p.add("device*", f"lazy AdamW step: gradient, weights and moments of the {flight.step} rows touched",
-              STEP_ROWS_PER_ROW * flight.step * row)
-        evals = (8 if tc.table_optimizer == "adamw_catchup" else 3 if offloaded else 1) * U * row
+    if s.sparse:
+        p.add("device*", f"lazy AdamW step: gradient, weights and moments of the {s.flight.step} rows touched",
+              STEP_ROWS_PER_ROW * s.flight.step * row)
+        evals = (8 if tc.table_optimizer == "adamw_catchup" else 3 if s.offloaded else 1) * U * row
         # (its rows stay while the forward runs to the logits and their float32 log-softmax)
         p.add("device*", "evaluation: a no-grad lookup (weights, and moments for catch-up), then the logits",
               max(evals, U * row + B * T * V * (a + 4 + (4 if a != 4 else 0))))
         if tc.table_optimizer == "adamw_catchup":
-            chunk = min(CATCHUP_CHUNK, U if offloaded else V)   # resident: the checkpoint's flush, every row
+            chunk = min(CATCHUP_CHUNK, U if s.offloaded else V)   # resident: the checkpoint's flush, every row
             p.add("device*", f"catch-up of {chunk} rows being read", CATCHUP_ROWS_PER_ROW * chunk * row)
-    if offloaded:
-        p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", n_slots * row)
-    elif table is not None:
-        p.add("device*", "checkpoint: isfinite() of the table (1 byte an entry)", table.numel())
+    if s.offloaded:
+        p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", s.n_slots * row)
+    elif s.table is not None:
+        p.add("device*", "checkpoint: isfinite() of the table (1 byte an entry)", s.table.numel())
 
-    # the host, beside the host tables above
+
+def plan_host_working_sets(p, s):
+    """Working sets on the host, beside the host tables; and the checkpoint on disk."""
+    tc = s.tc
     # the model is built on the CPU, then converted and moved; offloaded, its table becomes
     # the host table (counted above) without a copy
-    build = n_backbone * 4 + (0 if offloaded else table_bytes)
-    p.add("host*", "building: the model on the CPU" + (", before it moves" if cuda else ""), build)
-    if offloaded:
-        catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, V) * row if tc.table_optimizer == "adamw_catchup" else 0
+    build = s.n_backbone * 4 + (0 if s.offloaded else s.table_bytes)
+    if s.cuda:                  # (on the CPU the model is built where it trains: counted on the device)
+        p.add("host*", "building: the model on the CPU, before it moves", build)
+    if s.offloaded:
+        catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, s.V) * s.row if tc.table_optimizer == "adamw_catchup" \
+            else 0
         p.add("host*", "checkpoint: the largest of isfinite(), the flushed slots, a catch-up",
-              max(table.numel(), n_slots * row, catchup))
-    elif table is not None and cuda:
-        p.add("host*", "checkpoint: torch.save stages the table through host memory", table_bytes)
-    p.checkpoint = checkpoint_bytes(model, tc, sparse)
+              max(s.table.numel(), s.n_slots * s.row, catchup))
+    elif s.table is not None and s.cuda:
+        p.add("host*", "checkpoint: torch.save stages the table through host memory", s.table_bytes)
+    p.checkpoint = checkpoint_bytes(s.model, tc, s.sparse)
     if tc.init_from == "resume":
         p.add("host*", "resume: the checkpoint read into memory, then the model built on the CPU",
               sum(b for _, b in p.checkpoint) + build)
-    if tc.compile:
-        p.notes.append("compile=True: activations planned as in eager mode (a compiled graph usually saves less)")
-    if not cuda:
-        p.notes.append("the device is the CPU: device and host are the same memory")
-    return p
+
+
+def available_bytes():
+    """Memory this machine has free for new allocations (Linux: MemAvailable; elsewhere
+    the free pages), or None when it cannot tell."""
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            found = [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        if found:
+            return found[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def check_fits(p, tc, device):
-    """Stop a CUDA run whose plan exceeds the device's free memory, naming knobs that shrink it."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    need = p.total("device")
+    """Stop a run whose plan exceeds the memory free where it runs, naming knobs that shrink
+    it: a CUDA device's free memory, or for a CPU run this machine's (device and host are
+    then one memory)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        need, where = p.total("device"), device
+    else:
+        free, need, where = available_bytes(), p.total_one_memory(), "this machine"
+        if free is None:
+            return
     if need <= free:
         return
     knobs = {"dense": ["--tables=offload --table_optimizer=adamw_catchup"], "resident": ["--tables=offload"],
              "offload": [f"a lower --table_cache_fraction (now {tc.table_cache_fraction})",
                          f"fewer --table_transient_rows (now {p.transient_rows}; fewer tokens per step need fewer)"],
-             "none": []}[p.tables]
+             "none": []}[p.tables] if device.startswith("cuda") else []
     knobs.append(f"a smaller --batch_size (now {tc.batch_size}) with more --grad_accum_steps")
-    if p.dtype != "bfloat16":
+    if device.startswith("cuda") and p.dtype != "bfloat16":
         knobs.append("--dtype=bfloat16")
-    raise UsageError(f"the run needs {need / GiB:.2f} GiB on {device} but {free / GiB:.2f} GiB are free; try "
+    if not device.startswith("cuda"):
+        knobs.append("a smaller model (--n_layer, --n_embd, --block_size, a smaller vocabulary), or a GPU")
+    raise UsageError(f"the run needs {need / GiB:.2f} GiB on {where} but {free / GiB:.2f} GiB are free; try "
                      f"{', '.join(knobs)} (see --dry_run=True)")

@@ -111,11 +111,12 @@ def apply_rope(x, cos, sin):
 
 class CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), targets of -1 ignored: the
-    value and gradient of F.cross_entropy(logits.float(), targets, ignore_index=-1), with
-    less memory traffic. torch's backward zero-fills an (N, V) buffer for the target picks
-    and then runs the log-softmax backward into a fresh (N, V) gradient; here the saved
-    log-probabilities become the gradient in place, softmax * scale - scale at the target,
-    two passes over (N, V) and no new buffer (a quarter of a CPU step at vocab 32k)."""
+    value and gradient of F.cross_entropy(logits.float(), targets, ignore_index=-1). torch's
+    backward zero-fills an (N, V) buffer for the target picks and then runs the log-softmax
+    backward into a fresh (N, V) gradient; here the saved log-probabilities become the
+    gradient in place, softmax * scale - scale at the target, and no new buffer is made.
+    Why not F.cross_entropy: on a GPU too its backward peaks at one to two more float32
+    (N, V) buffers, 3 to 6 GiB at the 350M micro-batch (tests/test_model.py measures it)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -441,23 +442,3 @@ def gpu_peak_flops(device_name=None):
             return peak
     warnings.warn(f"no bf16 peak known for {device_name!r}; MFU not reported")
     return None
-
-
-if __name__ == "__main__":
-    import sys
-    HELP = """python model.py config/stem_350m.py [--stem_layers=half ...]: the parameters (total,
-    active) and forward FLOPs per token of a config, without allocating it."""
-    argv = sys.argv[1:]
-    try:
-        # config files also set training keys: keep the model's
-        config = GPTConfig.from_dict(configurator.parse(argv, GPTConfig, MoEConfig, doc=HELP,
-                                                        files_set_other_keys=True))
-    except UsageError as e:
-        sys.exit(f"error: {e}")
-    with torch.device("meta"):      # count without allocating 3B-parameter tables
-        model = GPT(config)
-    total, active = model.num_params()
-    flops = model.flops_per_token()
-    print(f"{' '.join(argv) or 'defaults'}: total {total / 1e6:.1f}M, active {active / 1e6:.1f}M, "
-          f"forward {flops / 1e6:,.1f} MFLOPs/token (T={model.config.block_size}), "
-          f"{model.config.ffn} layers {len(model.config.sparse_layer_ids)}/{model.config.n_layer}")

@@ -14,7 +14,6 @@ In Python, `checkpoint.load_model(out_dir)` gives a ready model and its tokenize
 """
 
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +63,7 @@ def apply_swaps(model, tokenizer, pairs, prompt=None, known_ids=None):
     """Swap the STEM rows of each (A, B) pair (stem.swap_rows); returns the Edits, to undo
     in reverse order. A word whose tokens are not all in known_ids (the token ids seen in
     training) is an error: its rows were never trained. A source word absent from the
-    prompt only gets a warning: the edit is valid but changes nothing there."""
+    prompt gets a printed note: the edit is valid but changes nothing there."""
     if model.tables is None:
         raise UsageError("this checkpoint is a dense model: it has no STEM rows to swap")
     prompt_ids = tokenizer.encode(prompt).ids if prompt is not None else None
@@ -79,7 +78,8 @@ def apply_swaps(model, tokenizer, pairs, prompt=None, known_ids=None):
         if set(source_ids) & set(target_ids):
             raise UsageError(f"'{source}' and '{target}' share tokens; a swap between them is not clean")
         if prompt_ids is not None and not contains(prompt_ids, source_ids):
-            warnings.warn(f"'{source}' does not occur in the prompt (as ' {source}'); this swap changes nothing there")
+            print(f"note: '{source}' is not in the prompt as ' {source}' (after a space: the token form a swap "
+                  f"edits), so this swap changes nothing in it; write it mid-sentence, e.g. 'The capital of {source} is'")
         edits.append(stem.swap_rows(model.tables, source_ids, target_ids))
     return edits
 

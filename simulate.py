@@ -58,6 +58,7 @@ class SimConfig:
                                                 "CUDA (assumed, not measured)")
     n_batches: int = knob(200, ge=2, help="cache: batches (and decode steps) replayed")
     cache_fractions: str = knob("0.01,0.05,0.1,0.25", help="cache: the cache sizes, as fractions of the vocabulary")
+    plot: str = knob("", help="cache: write a plot of hit rate against cache size here (needs matplotlib)")
     device: str = knob("cpu", help="pipeline: cpu, or cuda for real copies")
     seed: int = knob(0, ge=0, help="the draw of batches")
 
@@ -107,22 +108,54 @@ def simulate_cache(sc):
     print(f"dataset {sc.dataset}: vocab {vocab_size}, {len(tokens):,} train tokens; rows of {sc.config} "
           f"({n_stem} STEM layers x d_ff {d_ff}, bf16) = {row_bytes / 1024:.0f} KiB; stats over the "
           f"second half of {sc.n_batches} steps")
+    results = {}
     for name, stream in (("train", training), ("decode", decoding)):
-        tokens = sum(ids.size for ids in stream)
+        n_tokens = sum(ids.size for ids in stream)
         unique = sum(len(np.unique(ids)) for ids in stream)
-        print(f"\n{name}: batch {B}x{T if name == 'train' else 1}; unique/total tokens per batch {unique / tokens:.3f}; "
-              f"bytes per step without dedup {tokens / len(stream) * row_bytes / 2**20:.1f} MiB, with dedup "
-              f"{unique / len(stream) * row_bytes / 2**20:.1f} MiB ({100 * (1 - unique / tokens):.1f}% less)")
+        print(f"\n{name}: batch {B}x{T if name == 'train' else 1}; unique/total tokens per batch "
+              f"{unique / n_tokens:.3f}; bytes per step without dedup {n_tokens / len(stream) * row_bytes / 2**20:.1f} "
+              f"MiB, with dedup {unique / len(stream) * row_bytes / 2**20:.1f} MiB "
+              f"({100 * (1 - unique / n_tokens):.1f}% less)")
         # transient slots as memory.py sizes them for one batch in flight (they keep recent rows too)
         n_transient = memory.with_margin(max(len(np.unique(ids)) for ids in stream), vocab_size)
         print(f"transient slots {n_transient}")
         print(f"{'cache':>8}{'rows':>8}{'token hit':>11}{'unique hit':>12}{'H2D MiB/step':>14}")
-        for fraction in (float(f) for f in sc.cache_fractions.split(",")):
+        results[name] = []
+        for fraction in tqdm([float(f) for f in sc.cache_fractions.split(",")], desc=name, leave=False):
             n_cached = max(1, int(fraction * vocab_size))
             t = lfu_replay(stream, vocab_size, n_cached, n_transient)
             steps = len(stream) - len(stream) // 2
-            print(f"{100 * fraction:>7.0f}%{n_cached:>8}{t['token_hits'] / t['tokens']:>11.3f}"
-                  f"{1 - t['misses'] / t['unique']:>12.3f}{t['misses'] / steps * row_bytes / 2**20:>14.2f}")
+            results[name].append({"fraction": fraction, "rows": n_cached, "token_hit": t["token_hits"] / t["tokens"],
+                                  "unique_hit": 1 - t["misses"] / t["unique"],
+                                  "h2d_mib": t["misses"] / steps * row_bytes / 2**20})
+            r = results[name][-1]
+            tqdm.write(f"{100 * fraction:>7.0f}%{n_cached:>8}{r['token_hit']:>11.3f}{r['unique_hit']:>12.3f}"
+                       f"{r['h2d_mib']:>14.2f}")
+    if sc.plot:
+        plot_hit_rates(sc, results)
+    return results
+
+
+def plot_hit_rates(sc, results):
+    """Hit rate against cache size, training and decoding, token- and unique-row-weighted."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, style in (("train", "-"), ("decode", "--")):
+        x = [100 * r["fraction"] for r in results[name]]
+        ax.plot(x, [r["token_hit"] for r in results[name]], "o" + style, label=f"{name}: token hit rate")
+        ax.plot(x, [r["unique_hit"] for r in results[name]], "s" + style, label=f"{name}: unique-row hit rate")
+    ax.set(xscale="log", xlabel="LFU cache size (% of the vocabulary)", ylabel="hit rate", ylim=(0, 1),
+           title=f"{sc.dataset}: offloaded tables' device cache")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(sc.plot, dpi=120)
+    print(f"wrote {sc.plot}")
 
 
 def simulate_pipeline(sc, device):
@@ -157,7 +190,7 @@ def simulate_pipeline(sc, device):
     in_flight = memory.rows_in_flight(sc.dataset, B, T, G, V, sc.seed)
     layout = tables.table_buffers(V, 1, d_ff, cache_rows, in_flight.rows)
     layer_bytes = sum(memory.nbytes(shape, dtype) for shape, dtype, _ in layout.values())
-    layers = sc.layers or max(1, min(n_stem, int(0.5 * available_memory() / layer_bytes)))
+    layers = sc.layers or max(1, min(n_stem, int(0.5 * (memory.available_bytes() or 8 * 2**30) / layer_bytes)))
     layers, scale = min(layers, n_stem), n_stem / min(layers, n_stem)
     with torch.device("meta"):
         flops = 3 * GPT(config).flops_per_token() * B * T                      # one micro-batch, training
@@ -173,16 +206,25 @@ def simulate_pipeline(sc, device):
     lazy = tables.LazyTables(weight, device, cache_rows, in_flight.rows,
                              optimizer=lazy_adamw.LazyAdamW(catch_up="full"), take_weight=True,
                              copy_rate=None if device.startswith("cuda") else sc.copy_gbps * 1e9)
-    copy_queues = lazy.rows.copies
     train_tokens = data.tokens(sc.dataset, "train", meta["dtype"])
     generator = torch.Generator().manual_seed(sc.seed)
     total = (sc.warmup + sc.micro_batches // G + 1) * G
     batches = [stem.RowIndex.of(torch.from_numpy(data.draw_windows(train_tokens, generator, B, T)[:, :-1]
                                                  .astype(np.int64))).to(device) for _ in range(total + 1)]
+    per, arithmetic, logged = replay(lazy, batches, sc.warmup * G, G, gpu_seconds / scale)
+    return report(sc, device, lazy, per, arithmetic, logged, layers, scale, gpu_seconds)
+
+
+def replay(lazy, batches, warmup, G, gpu_seconds):
+    """Run micro-batches through the tables as training does; returns the stats per
+    micro-batch after `warmup` of them, this CPU's arithmetic per micro-batch and, for
+    each, how many entries each copy queue's log had once its copies were queued."""
+    copy_queues = lazy.rows.copies
+    total = len(batches) - 1
     lazy.prepare(batches[0])
     arithmetic, before, logged = 0.0, None, []
     for i in tqdm(range(total), desc="micro-batches", leave=False):
-        if i == sc.warmup * G:           # the cache has filled: start counting
+        if i == warmup:           # the cache has filled: start counting
             arithmetic, before = 0.0, lazy.stats()
         start, clock = time.perf_counter(), dict(lazy.clock)
         rows = lazy.lookup(batches[i])                      # (U, layers, d_ff)
@@ -194,9 +236,15 @@ def simulate_pipeline(sc, device):
         # start moving, so that it neither slows the worker nor lends it time
         lazy.prepare(batches[i + 1])
         arithmetic += time.perf_counter() - start - sum(lazy.clock[k] - clock[k] for k in ("plan", "wait"))
-        time.sleep(gpu_seconds / scale)                       # the GPU runs micro-batch i + 1's forward and backward
-    after, n = lazy.stats(), total - sc.warmup * G
+        time.sleep(gpu_seconds)                               # the GPU runs micro-batch i + 1's forward and backward
+    after, n = lazy.stats(), total - warmup
     per = {k: (after[k] - before[k]) / n for k in after if k in before and isinstance(after[k], (int, float))}
+    return per, arithmetic / n, logged
+
+
+def report(sc, device, lazy, per, arithmetic, logged, layers, scale, gpu_seconds):
+    """Print the per-micro-batch figures; return them."""
+    G, copy_queues = sc.grad_accum_steps, lazy.rows.copies
     ms = lambda seconds, scaled=True: 1e3 * seconds * (scale if scaled else 1)
     n_copies = (per["bytes_h2d"] + per["bytes_d2h"]) / lazy.row_bytes       # one per row and tensor
     cpu = device == "cpu"
@@ -225,7 +273,7 @@ def simulate_pipeline(sc, device):
           f"{ms(per['wait_seconds']):.2f}, the worker's excess over the GPU's {gpu_ms:.1f} ms "
           f"{max(0.0, worker_ms - gpu_ms):.2f}, the copies replayed on the GPU's timeline "
           f"{1e3 * sum(stalls) / len(stalls):.2f}, at most {1e3 * max(stalls):.2f}); arithmetic a GPU runs, here on "
-          f"the CPU: {ms(arithmetic / n):.1f} ms")
+          f"the CPU: {ms(arithmetic):.1f} ms")
     copies = ("" if per.get("copy_in_seconds") is None else
               f"; copy engines (waits of bytes / {sc.copy_gbps:g} GB/s) in {copy_ms['in']:.1f} ms (with its waits "
               f"for write-backs), out {copy_ms['out']:.1f} ms")
@@ -266,15 +314,6 @@ def copy_engine_stalls(moves, gpu_seconds):
         stalls.append(begin - end_last)
         end_before_last, end_last = end_last, begin + gpu_seconds
     return stalls
-
-
-def available_memory():
-    """Bytes of memory free for new allocations (Linux: MemAvailable), else 8 GiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 8 * 2**30
 
 
 def main(argv=None):

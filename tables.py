@@ -59,21 +59,23 @@ def table_buffers(vocab_size, n_stem, d_ff, cache_rows=None, transient_rows=0, t
 
 class RowGather(torch.autograd.Function):
     """rows = pool[slots]; the backward adds the rows' gradient into grad_pool[slots]
-    instead of making a pool-sized gradient per micro-batch."""
+    instead of making a pool-sized gradient per micro-batch, and marks the batch's plan:
+    its rows were touched (a forward whose backward never runs touches nothing)."""
 
     @staticmethod
-    def forward(ctx, anchor, pool, slots, grad_pool):
+    def forward(ctx, anchor, pool, slots, grad_pool, plan):
         # anchor: an empty tensor that requires grad, so that autograd calls backward;
         # the pool itself is a plain tensor (it is updated in place by the optimiser)
         ctx.save_for_backward(slots)
-        ctx.grad_pool = grad_pool
+        ctx.grad_pool, ctx.plan = grad_pool, plan
         return pool.index_select(0, slots)                      # (U, n_stem, d_ff)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (slots,) = ctx.saved_tensors
         ctx.grad_pool.index_add_(0, slots, grad_rows.to(ctx.grad_pool.dtype))
-        return None, None, None, None
+        ctx.plan["touched"] = True
+        return None, None, None, None, None
 
 
 def _dynamic_rows(rows):
@@ -96,7 +98,7 @@ class ResidentRows:
         return unique_ids
 
     def release(self, plans):
-        pass
+        """Nothing to unlock: no row ever leaves its slot."""
 
     def ids_of(self, slots):
         return slots
@@ -112,13 +114,13 @@ class ResidentRows:
         return self.pool
 
     def reload(self):
-        pass
+        """Nothing to reload: the pool is the table."""
 
     def drain(self):
-        pass
+        """Nothing moves."""
 
     def forget_device_rows(self):
-        pass
+        """The pool is the table: nothing to forget."""
 
     def write_rows(self, ids, rows):
         self.pool["weight"][ids.to(self.pool["weight"].device)] = rows.to(self.pool["weight"])
@@ -241,7 +243,7 @@ class LazyTables(nn.Module):
             self.optimizer.catch_up(self.pool["weight"], self.pool["exp_avg"], self.pool["exp_avg_sq"], slots,
                                     unique_ids)
             self.in_flight[key] = (row_index, plan)       # its slots stay locked until step()
-        rows = RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool)  # (U, n_stem, d_ff)
+        rows = RowGather.apply(self.grad_anchor, self.pool["weight"], slots, self.grad_pool, plan)  # (U, n_stem, d_ff)
         return _dynamic_rows(rows)
 
     @torch.no_grad()
@@ -266,14 +268,18 @@ class LazyTables(nn.Module):
 
     @torch.no_grad()
     def step(self, lr, max_norm=0.0):
-        """Clip the touched rows' gradient on its own norm, apply lazy AdamW to those rows,
-        clear their gradient, release their slots. Returns the gradient norm (a tensor)."""
-        if not self.in_flight:
+        """Clip the touched rows' gradient (the rows of batches whose backward ran) on its
+        own norm, apply lazy AdamW to those rows, clear their gradient, release the slots of
+        every batch looked up. Returns the gradient norm (a tensor), None if nothing was
+        touched."""
+        plans = [plan for _, plan in self.in_flight.values()]
+        touched = [plan for plan in plans if plan.get("touched")]
+        if not touched:
+            self.release()
             return None
         self.flushed = False
         start = time.perf_counter()
-        plans = [plan for _, plan in self.in_flight.values()]
-        slots = np.unique(np.concatenate([plan["slots"] for plan in plans]))
+        slots = np.unique(np.concatenate([plan["slots"] for plan in touched]))
         # in id order, as resident slots are: the norm's summation order (its last bits)
         # must not depend on the cache layout, or resident and offloaded runs drift apart
         slots = slots[np.argsort(self.rows.ids_of(slots))]

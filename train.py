@@ -80,8 +80,8 @@ def resolve(tc, model_overrides):
                 tasks.task_loader()(task, 1)
             except FileNotFoundError as e:
                 raise UsageError(str(e)) from None
-    if device.startswith("cuda"):      # stop now, not out of memory halfway through building
-        memory.check_fits(memory.plan_run(tc, config, device, dtype), tc, device)
+    # stop now, not out of memory halfway through building (or killed by the kernel, on the CPU)
+    memory.check_fits(memory.plan_run(tc, config, device, dtype), tc, device)
     if tc.init_from == "resume":
         run.resume_from = checkpoint.read(run.ckpt_path, resume=True)
     os.makedirs(tc.out_dir, exist_ok=True)

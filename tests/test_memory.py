@@ -250,6 +250,34 @@ def test_a_run_that_cannot_fit_stops_naming_the_knobs(tmp_path, monkeypatch):
     memory.check_fits(p, tc, "cuda")          # exactly enough is enough
 
 
+def test_a_cpu_run_that_cannot_fit_stops_before_building(tmp_path, monkeypatch):
+    """A CPU run checks its plan (device and host: one memory) against the memory free,
+    before anything is built or written."""
+    dataset = zipf_dataset(tmp_path / "d")
+    args = [f"--dataset={dataset}", f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--n_layer=2", "--n_embd=32",
+            "--n_head=2", "--block_size=16", "--max_iters=1", "--batch_size=3"]
+    tc, config = configs(dataset, batch_size=3, grad_accum_steps=1, table_optimizer="adamw")
+    need = memory.plan_run(tc, GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=32),
+                           "cpu", "float32").total_one_memory()
+    monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)
+    with pytest.raises(SystemExit, match=r"^error: the run needs .* GiB on this machine but .* GiB are free; try .*"
+                                         r"batch_size.*a smaller model"):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(memory, "available_bytes", lambda: need)
+    train.main(args)                           # exactly enough is enough
+    assert (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_the_cpu_peak_counts_both_memories_and_the_largest_working_set():
+    p = memory.Plan()
+    p.add("device", "a", 10)
+    p.add("host", "b", 5)
+    for place, name, b in (("device*", "c", 3), ("device*", "d", 7), ("host*", "e", 9)):
+        p.add(place, name, b)
+    assert p.total("device") == 17 and p.total("host") == 14 and p.total_one_memory() == 24
+
+
 # -- on a GPU ----------------------------------------------------------------------------
 
 @pytest.mark.gpu

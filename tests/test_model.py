@@ -380,3 +380,38 @@ def test_cross_entropy_matches_float64_reference_with_ignored_targets():
         torch.nn.functional.cross_entropy(ref, targets, ignore_index=-1).backward()
         assert low.grad.dtype == dtype
         assert torch.allclose(low.grad.float(), ref.grad.to(dtype).float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_peaks_below_torch_s_by_whole_float32_logit_buffers(dtype):
+    """Why the model has its own cross-entropy: forward and backward of the loss hold one
+    (N, V) float32 buffer fewer than F.cross_entropy's (two in float32), measured as live
+    storage (tests/live_bytes.py)."""
+    from live_bytes import LiveBytes
+    N, V = 256, 4096
+    buffer = N * V * 4
+    peaks = {}
+    for name, loss_of in (("ours", model.cross_entropy),
+                          ("torch", lambda z, t: torch.nn.functional.cross_entropy(z.float(), t, ignore_index=-1))):
+        logits = torch.randn(N, V, dtype=dtype, requires_grad=True)
+        targets = torch.randint(V, (N,))
+        with LiveBytes() as live:
+            loss_of(logits, targets).backward()
+        peaks[name] = live.peak
+    saved = (peaks["torch"] - peaks["ours"]) / buffer
+    assert saved == pytest.approx(2.0 if dtype == torch.float32 else 1.0, abs=0.01), peaks
+
+
+def test_live_bytes_follows_allocations_and_frees():
+    from live_bytes import LiveBytes
+    before = torch.ones(1000)                         # live before the region: never counted
+    with LiveBytes() as live:
+        a = torch.zeros(1000)                         # 4,000 bytes
+        b = a + 1                                     # 8,000
+        view = b[:10]                                 # a view: nothing new
+        del a                                         # 4,000
+        c = torch.zeros(2000, dtype=torch.float64)    # 20,000: the peak
+        del c, before                                 # 4,000 (freeing an older storage counts nothing)
+        d = b * 2                                     # 8,000
+    assert live.peak == 20_000 and live.now == 8_000
+    assert view.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and d.numel() == 1000

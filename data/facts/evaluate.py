@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -87,11 +88,11 @@ def accuracy(model, tokenizer, rows, expected=None):
 
 def recall(model, tokenizer, attributes):
     results = {}
-    for attribute in attributes:
+    for attribute in tqdm(attributes, desc="recall", leave=False):
         held_out, _ = accuracy(model, tokenizer, answer_prompts(attribute))
         seen, _ = accuracy(model, tokenizer, [(c, p, a) for c, p, a in facts.eval_prompts(attribute, heldout=False)])
         results[attribute] = (held_out, seen)
-        print(f"{attribute:<10} held-out templates {100 * held_out:6.2f}%   training templates {100 * seen:6.2f}%")
+        tqdm.write(f"{attribute:<10} held-out templates {100 * held_out:6.2f}%   training templates {100 * seen:6.2f}%")
     return results
 
 
@@ -109,7 +110,7 @@ def edit_eval(model, tokenizer, attributes, n_pairs, n_local, seed):
     for attribute in attributes:
         success, local, reversible, skipped = [], [], [], 0
         pairs = [(a, b) for a in by_name for b in by_name if a != b]
-        for a, b in rng.sample(pairs, min(n_pairs, len(pairs))):
+        for a, b in tqdm(rng.sample(pairs, min(n_pairs, len(pairs))), desc=f"{attribute} edits", leave=False):
             target = facts.answer_of(by_name[b], attribute)
             if target == facts.answer_of(by_name[a], attribute) or set(ids[a]) & set(ids[b]):
                 skipped += 1      # same answer (nothing to measure) or shared tokens (no clean swap)
@@ -130,7 +131,7 @@ def edit_eval(model, tokenizer, attributes, n_pairs, n_local, seed):
             reversible.append(torch.equal(store.read_rows(ids[a]), before_table) and a_after_undo == a_before)
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         results[attribute] = (mean(success), mean(local), all(reversible), len(success))
-        print(f"{attribute:<10} edit success {100 * mean(success):6.2f}%   locality {100 * mean(local):6.2f}%   "
+        tqdm.write(f"{attribute:<10} edit success {100 * mean(success):6.2f}%   locality {100 * mean(local):6.2f}%   "
               f"reversible {all(reversible)}   pairs {len(success)} (skipped {skipped})")
     return results
 

@@ -383,6 +383,8 @@ def write_bin(path, docs, tokenizer, eos_id, dtype):
 def prepare(pc):
     os.makedirs(pc.out_dir, exist_ok=True)
     train_docs, val_docs = build_corpus(pc)
+    print(f"{len(train_docs):,} train and {len(val_docs):,} val documents; training a BPE of up to "
+          f"{pc.vocab_size} tokens on them", flush=True)
     tokenizer = train_tokenizer(train_docs + val_docs, pc.vocab_size)
     vocab_size = tokenizer.get_vocab_size()
     eos_id = tokenizer.token_to_id(EOS)
@@ -395,7 +397,9 @@ def prepare(pc):
     with open(os.path.join(pc.out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"{len(countries_of(pc))} countries: {n_train:,} train tokens ({len(train_docs):,} documents), "
-          f"{n_val:,} val tokens (held-out wordings), vocab {vocab_size} -> {pc.out_dir}")
+          f"{n_val:,} val tokens (held-out wordings), vocab {vocab_size}"
+          + (f" (the corpus has too few distinct pairs for {pc.vocab_size})" if vocab_size < pc.vocab_size else "")
+          + f" -> {pc.out_dir}")
     return meta
 
 
