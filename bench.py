@@ -70,6 +70,8 @@ class BenchConfig:
     device: str = knob("auto", help=configurator.DEVICE_HELP)
     dtype: str = knob("auto", choices=configurator.DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
     compile: bool = knob(False, help="torch.compile every model")
+    cpu_keep_freed_memory: bool = knob(False, help="CPU: keep freed memory in the heap, 2 MB pages for big tensors "
+                                                   "(train.py's knob of the same name)")
     catchup: bool = knob(False, help="train: also time resident tables with adamw_catchup")
     processes: int = knob(1, ge=1, help="train on the CPU: repeat the whole timing in this many fresh processes "
                                         "and report the median ratio (a process's speed varies by more than the "
@@ -318,7 +320,7 @@ def report_train(bc, runners, device, dtype, block_size, unique_fraction):
 def _train_ratios(bc):
     """One fresh process's bench_train: each model's time ratio against the dense model."""
     device, dtype = configurator.resolve_device(bc.device, bc.dtype)
-    if device == "cpu":
+    if device == "cpu" and bc.cpu_keep_freed_memory:
         configurator.keep_freed_memory()
     return {r.name: r.ratio for r in bench_train(bc, device, dtype)}
 
@@ -392,7 +394,7 @@ def main(argv=None):
     try:
         bc = BenchConfig(**configurator.parse(argv, BenchConfig, doc=__doc__))
         device, dtype = configurator.resolve_device(bc.device, bc.dtype)
-        if device == "cpu":
+        if device == "cpu" and bc.cpu_keep_freed_memory:
             configurator.keep_freed_memory()
         if bc.mode == "train" and bc.processes > 1:
             if device != "cpu":

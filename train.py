@@ -65,7 +65,7 @@ class State:
 
 def resolve(tc, model_overrides):
     device, dtype = configurator.resolve_device(tc.device, tc.dtype)
-    if device == "cpu":
+    if device == "cpu" and tc.cpu_keep_freed_memory:
         configurator.keep_freed_memory()
     meta = data.load_meta(tc.dataset)
     config = training.resolve_model_config(tc, model_overrides, meta)

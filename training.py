@@ -71,6 +71,9 @@ class TrainConfig:
     deterministic: bool = knob(False, help="CUDA: deterministic kernels and cuBLAS workspace (slower); CPU runs "
                                            "are bitwise repeatable without it")
     dry_run: bool = knob(False, help="print the memory plan (device, host, checkpoint) and exit; allocates nothing")
+    cpu_keep_freed_memory: bool = knob(False, help="CPU runs: keep freed memory in the heap and back big tensors "
+                                                   "with 2 MB pages, so steps do not page-fault their logits in "
+                                                   "again (glibc only, process-wide; numerics unchanged)")
 
     def __post_init__(self):
         configurator.check(self)

@@ -88,7 +88,9 @@ def test_kill_9_then_resume_is_bitwise_exact(data, tmp_path, table_args):
     run = dict(max_iters=max_iters, eval_interval=every, **table_args)
     killed = str(tmp_path / "killed")
     ckpt = os.path.join(killed, "ckpt.pt")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args_of(data, killed, **run),
+    # the killed process also keeps freed memory (process-wide, so only in a child): that knob changes no bits
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")]
+                               + args_of(data, killed, cpu_keep_freed_memory=True, **run),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not os.path.exists(ckpt) and process.poll() is None and time.time() < deadline:
