@@ -3,7 +3,8 @@ Checkpoints: one file, ckpt.pt, in a run's out_dir, holding everything a run nee
 continue exactly (model, both optimisers, data position, every RNG) and everything a
 sampler needs without the data folder (model config, tokenizer, dataset meta).
 
-- save(): atomic (a temporary file, flushed to disk, renamed over the old one).
+- save(): atomic (a temporary file, flushed to disk, renamed over the old one);
+  non_finite() finds the weights a save must refuse.
 - read(): a checkpoint file or its folder, validated, optionally mapped (not read).
 - rng_state() / set_rng_state(): the RNGs a resumed run must continue from.
 - load_model(): a ready model for sampling, evaluation and analysis, built from the mapped
@@ -28,6 +29,22 @@ RESUME_KEYS = ("optimizer", "data", "rng", "best_val_loss", "table_optimizer")  
 def path_of(path):
     """The checkpoint file of a run folder (or the file itself)."""
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+# elements checked at a time: torch.isfinite makes a float copy (abs) and three masks, 7 bytes
+# an fp32 entry, so a whole table at once would cost 1.75x the table
+FINITE_CHUNK = 1 << 22
+
+
+def non_finite(state_dict):
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    bad = []
+    for name, t in state_dict.items():
+        if t.is_floating_point():
+            flat = t.reshape(-1)
+            if not all(bool(flat[i:i + FINITE_CHUNK].isfinite().all()) for i in range(0, flat.numel(), FINITE_CHUNK)):
+                bad.append(name)
+    return bad
 
 
 def save(state, path):

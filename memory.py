@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import tables
 from configurator import UsageError
@@ -41,8 +42,11 @@ MARGIN = (0.10, 64)          # planned slots = max measured * 1.10 + 64: on data
 ZIPF_EXPONENT = 1.1          # without the data: token ranks ~ r^-1.1, i.i.d. (real text repeats itself
                              # within a window: the 50k stdlib BPE needs 7.2k rows where this says 12.7k)
 # Working sets of offload.py's arithmetic, in rows of fp32 (n_stem, d_ff):
-STEP_ROWS_PER_ROW = 4        # lazy AdamW step: the gradient and weight/moments of the touched rows, gathered
+STEP_BYTES_PER_ROW = 8       # lazy AdamW step: the rows are updated where they lie; each touched row
+                             # costs its fp32 gradient norm and that norm's place in their stack
+CATCHUP_STEP_BYTES_PER_ROW = 8   # ... and with catch-up, its token id (int64), to stamp its step
 CATCHUP_ROWS_PER_ROW = 7     # catch-up of a chunk: w, m, v, u, w*keep, move*u, and the result
+FINITE_CHECK_BYTES = 7       # a chunk's isfinite(): abs (fp32) and three bool masks, alive together
 CATCHUP_CHUNK = 4096         # lazy_adamw.LazyAdamW.catch_up's chunk of rows
 
 
@@ -355,14 +359,21 @@ def plan_device_working_sets(p, s):
           + (f"; looked-up rows {U * row / GiB:.2f}" if U else "") + " GiB")
     if s.table is not None:
         # the lookup's backward, after the layers': n_stem per-layer (U, d_ff) gradients, then their
-        # stack; dense tables: index_select's backward is a zeroed table-sized gradient, added
-        # into .grad from the second micro-batch of a step on
-        dense_grad = s.table_bytes if not s.sparse and s.G > 1 else 0
-        p.add("device*", "end of backward: the looked-up rows' gradients"
-              + (", a table-sized gradient added into .grad" if dense_grad else ""), 2 * U * row + held + dense_grad)
+        # stack; dense tables: index_select's backward is a zeroed table-sized gradient, which
+        # .grad copies (first micro-batch of a step) or is summed with into a new tensor while
+        # both addends live (the later ones): 1 or 2 tables beside the standing .grad
+        if not s.sparse:
+            p.add("device*", "end of backward: the looked-up rows' gradient, a table-sized gradient"
+                  + (" and its sum with .grad" if s.G > 1 else ""), U * row + (2 if s.G > 1 else 1) * s.table_bytes)
+        else:
+            p.add("device*", "end of backward: the looked-up rows' gradients", 2 * U * row + held)
     if s.sparse:
-        p.add("device*", f"lazy AdamW step: gradient, weights and moments of the {s.flight.step} rows touched",
-              STEP_ROWS_PER_ROW * s.flight.step * row)
+        catchup = tc.table_optimizer == "adamw_catchup"
+        # catch-up also appends a step to its two float64 histories (a copy of each while the old lives)
+        p.add("device*", f"lazy AdamW step: norms of the {s.flight.step} rows touched"
+              + (", their ids, the step histories" if catchup else ""),
+              (STEP_BYTES_PER_ROW + catchup * CATCHUP_STEP_BYTES_PER_ROW) * s.flight.step
+              + catchup * 2 * 8 * (tc.max_iters + 2))
         evals = (8 if tc.table_optimizer == "adamw_catchup" else 3 if s.offloaded else 1) * U * row
         # (its rows stay while the forward runs to the logits and their float32 log-softmax)
         p.add("device*", "evaluation: a no-grad lookup (weights, and moments for catch-up), then the logits",
@@ -373,7 +384,8 @@ def plan_device_working_sets(p, s):
     if s.offloaded:
         p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", s.n_slots * row)
     elif s.table is not None:
-        p.add("device*", "checkpoint: isfinite() of the table (1 byte an entry)", s.table.numel())
+        p.add("device*", f"checkpoint: the finiteness check of {checkpoint.FINITE_CHUNK} entries at a time",
+              FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, s.table.numel()))
 
 
 def plan_host_working_sets(p, s):
@@ -387,8 +399,8 @@ def plan_host_working_sets(p, s):
     if s.offloaded:
         catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, s.V) * s.row if tc.table_optimizer == "adamw_catchup" \
             else 0
-        p.add("host*", "checkpoint: the largest of isfinite(), the flushed slots, a catch-up",
-              max(s.table.numel(), s.n_slots * s.row, catchup))
+        p.add("host*", "checkpoint: the largest of the finiteness check, the flushed slots, a catch-up",
+              max(FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, s.table.numel()), s.n_slots * s.row, catchup))
     elif s.table is not None and s.cuda:
         p.add("host*", "checkpoint: torch.save stages the table through host memory", s.table_bytes)
     p.checkpoint = checkpoint_bytes(s.model, tc, s.sparse)

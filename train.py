@@ -226,7 +226,7 @@ def evaluate(run, compiled, model, loaders, state, ctx, log):
 
 def save(run, model, optimizer, train_loader, state):
     """The checkpoint of the run now; a diverged model never replaces a good checkpoint."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = checkpoint.non_finite(model.state_dict())
     if bad:
         raise UsageError(f"iter {state.iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
                          f"not saved, {kept_checkpoint(run, state)}")

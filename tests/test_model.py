@@ -411,6 +411,8 @@ def test_live_bytes_follows_allocations_and_frees():
         view = b[:10]                                 # a view: nothing new
         del a                                         # 4,000
         c = torch.zeros(2000, dtype=torch.float64)    # 20,000: the peak
+        before.add_(1)                                # in place on an older storage: nothing new
+        before[:3] = 7                                # (index_put_ too)
         del c, before                                 # 4,000 (freeing an older storage counts nothing)
         d = b * 2                                     # 8,000
     assert live.peak == 20_000 and live.now == 8_000
