@@ -374,13 +374,17 @@ def plan_device_working_sets(p, s):
               + (", their ids, the step histories" if catchup else ""),
               (STEP_BYTES_PER_ROW + catchup * CATCHUP_STEP_BYTES_PER_ROW) * s.flight.step
               + catchup * 2 * 8 * (tc.max_iters + 2))
-        evals = (8 if tc.table_optimizer == "adamw_catchup" else 3 if s.offloaded else 1) * U * row
-        # (its rows stay while the forward runs to the logits and their float32 log-softmax)
-        p.add("device*", "evaluation: a no-grad lookup (weights, and moments for catch-up), then the logits",
-              max(evals, U * row + B * T * V * (a + 4 + (4 if a != 4 else 0))))
         if tc.table_optimizer == "adamw_catchup":
             chunk = min(CATCHUP_CHUNK, U if s.offloaded else V)   # resident: the checkpoint's flush, every row
             p.add("device*", f"catch-up of {chunk} rows being read", CATCHUP_ROWS_PER_ROW * chunk * row)
+    # evaluation (no grad): the lookup (catch-up reads weights and moments), then the looked-up
+    # rows stay while the forward reaches the loss: the logits, their float32 copy under bf16
+    # autocast, the float32 log-softmax, one (B, T, d_ff) and one (B, T, C) float32 activation,
+    # and autocast's bf16 copies of the matmul weights (kept for the autocast region)
+    lookup = (8 if tc.table_optimizer == "adamw_catchup" else 3 if s.offloaded else 1) * U * row if s.sparse else 0
+    N = B * T
+    loss_end = U * row + N * V * (a + 4 + (4 if a != 4 else 0)) + N * (s.config.d_ff + s.C) * 4 + casts
+    p.add("device*", "evaluation: a no-grad lookup, then the forward to the loss", max(lookup, loss_end))
     if s.offloaded:
         p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", s.n_slots * row)
     elif s.table is not None:

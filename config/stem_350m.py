@@ -1,6 +1,9 @@
 # About 350M active parameters, GPT-2-medium depth and width, SwiGLU d_ff, a 50k BPE.
-# For one GPU: bf16 autocast, torch.compile. Prepare the text data first, e.g.
+# For one 80 GB GPU: bf16 autocast, torch.compile, the tables resident. Prepare the text
+# data first, e.g.
 #   python data/text/prepare.py --input=/path/to/text --vocab_size=50304
+# and check the plan: python train.py config/stem_350m.py --device=cuda --dry_run=True
+# (python cards.py prints it for every recipe and card).
 dataset = "text"
 out_dir = "out-stem-350m"
 vocab_size = 50304
@@ -12,8 +15,11 @@ d_ff = 2816
 tie_embeddings = True
 ffn = "stem"
 stem_layers = "full"        # or half / third / "1,3,5"; stem_variant = up | gate | up+table
-batch_size = 16
-grad_accum_steps = 4        # 16 x 4 x 1024 = 65k tokens per step
+# dense AdamW but for eps (docs/results.md compares them over seeds), as lazy tables: no
+# table-sized gradient, which with gradient accumulation dense AdamW makes twice a micro-batch
+table_optimizer = "adamw_catchup"
+batch_size = 8
+grad_accum_steps = 8        # 8 x 8 x 1024 = 65k tokens per step
 learning_rate = 3e-4
 max_iters = 20000
 warmup_iters = 1000

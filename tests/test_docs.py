@@ -13,6 +13,7 @@ import pytest
 
 import analyze
 import bench
+import cards
 import compare
 import configurator
 import eval as eval_cli
@@ -45,6 +46,7 @@ def entry_points():
             ("bench.py", bench.main, [bench.BenchConfig]),
             ("compare.py", compare.main, [compare.CompareConfig]),
             ("simulate.py", simulate.main, [simulate.SimConfig]),
+            ("cards.py", cards.main, [cards.CardsConfig]),
             ("data/facts/prepare.py", facts.main, [facts.PrepareConfig]),
             ("data/text/prepare.py", text.main, [text.TextConfig]),
             ("data/facts/evaluate.py", evaluate.main, [evaluate.EvalConfig])]
@@ -100,3 +102,12 @@ def test_markdown_tables_have_the_header_s_number_of_cells(path):
         else:
             assert len(cells(line)) == header, f"{os.path.basename(path)}:{number}: {len(cells(line))} cells, " \
                                                f"the header has {header}"
+
+
+def test_readme_card_table_is_what_the_command_prints():
+    """README's card rows are cards.py's on the Zipf estimate (dry runs: nothing allocated)."""
+    table = cards.format_table(cards.card_rows(["none"]))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()
+    # and each recipe fits the card it names
+    assert all(float(device) <= float(limit) for _, _, _, device, limit, *_ in cards.card_rows(["none"]))

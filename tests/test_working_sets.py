@@ -95,6 +95,12 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
+    # evaluation: no-grad forwards of the eval batches
+    with LiveBytes() as live:
+        train.estimate_loss(model, {"val": loaders["eval"]["val"]}, 2, ctx)
+    rows_read = 8 if kind in ("catch-up", "offloaded") else 1      # catch-up reads weights and moments
+    assert_close(live.peak, planned(plan, "evaluation"), rows_read * (planned_rows - len(batch.row_index.unique_ids)) * row)
+
     # a checkpoint: the tables made current (written back, caught up), the finiteness check, the file
     state = train.State(iter_num=3, first_bad_iter=torch.full((), -1))
     with LiveBytes() as live:
