@@ -1,23 +1,14 @@
 """
 The memory plan of a training run: what train.py will hold on the device and on the
-host, by component, computed before anything is allocated. docs/memory.md tells how.
+host, by component, computed before anything is allocated (the model is built on the
+meta device). docs/memory.md tells what it counts and how each count is tested.
 
-    python train.py config/stem_350m.py --tables=offload --table_optimizer=adamw_catchup --dry_run=True
+    python train.py config/stem_350m.py --device=cuda --dry_run=True
 
-- STEM tables: exactly the tensors tables.LazyTables allocates (tables.table_buffers),
-  or, with dense AdamW, the stem.ResidentTables parameter with its gradient and moments.
-- Backbone: fp32 weights, gradients and two AdamW moments, counted on a model built on
-  the meta device (nothing is allocated).
-- Activations: a formula for the tensors one micro-batch saves for backward (checked
-  against saved-tensor hooks in tests/test_plan.py), plus the logits and the looked-up rows.
-- Working sets that come and go (a micro-batch's forward/backward, the lazy AdamW step
-  over the touched rows, the catch-up of rows being read, dense tables' backward, the
-  checkpoint's finiteness check): only the largest is counted, they never overlap.
-- Rows in flight (offloaded tables): the device must hold the unique ids of one optimiser
-  step plus the prefetched micro-batch. Measured on the dataset by drawing windows exactly
-  as data.BatchLoader does (the run's own first steps, same seed), or, without the
-  dataset, estimated from a Zipf model.
-
+The tables are planned exactly (tables.table_buffers); activations by a formula checked
+against saved-tensor hooks; the working sets that come and go (only the largest counts)
+are held to measured peaks in tests/test_working_sets.py; the rows in flight of offloaded
+tables are measured on the run's own batches or estimated from a Zipf model.
 Not counted: the CUDA context (~0.5 GiB) and the allocator's fragmentation; leave ~2 GiB.
 """
 
@@ -398,8 +389,12 @@ def plan_host_working_sets(p, s):
     # the model is built on the CPU, then converted and moved; offloaded, its table becomes
     # the host table (counted above) without a copy
     build = s.n_backbone * 4 + (0 if s.offloaded else s.table_bytes)
-    if s.cuda:                  # (on the CPU the model is built where it trains: counted on the device)
+    if s.cuda:
         p.add("host*", "building: the model on the CPU, before it moves", build)
+    elif s.sparse and not s.offloaded:
+        # on the CPU the model is built where it trains: its dense table lives while the pool
+        # (counted above) is filled from it
+        p.add("host*", "building: the model's dense table, while the tables' pool is filled", s.table_bytes)
     if s.offloaded:
         catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, s.V) * s.row if tc.table_optimizer == "adamw_catchup" \
             else 0

@@ -85,10 +85,12 @@ class LFUCache:
         if n_transient > len(transient_free):
             self.locks[slots[hit]] -= 1
             self.freq[unique_ids] -= counts
+            n_slots = len(self.id_of_slot) - self.n_cached
+            seen = n_slots - len(transient_free) + n_transient      # transient rows this moment needs
             raise UsageError(f"the table pool cannot hold the {len(unique_ids)} unique ids of a batch beside the "
                              f"batches in flight ({n_transient} not admitted, {len(transient_free)} of "
-                             f"{len(self.id_of_slot) - self.n_cached} transient slots free); raise "
-                             f"--table_transient_rows")
+                             f"{n_slots} transient slots free): this data needs {seen} transient rows here; raise "
+                             f"--table_transient_rows (to at least {seen}; more for the batches to come)")
         miss_slots = np.concatenate([victims[:n_admit], transient_free[:n_transient]])
         evicted_ids = self.id_of_slot[miss_slots]
         evicted_slots = miss_slots[evicted_ids >= 0]

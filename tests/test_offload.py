@@ -213,7 +213,8 @@ def test_lfu_cache_never_evicts_rows_of_batches_in_flight():
     # pool cannot hold it. plan raises and leaves locks and maps as they were.
     before = (cache.locks.copy(), cache.slot_of_id.copy(), cache.id_of_slot.copy(), dict(cache.stats))
     np.testing.assert_array_equal(before[0], [1, 1, 1, 0])
-    with pytest.raises(ValueError, match="--table_transient_rows"):      # configurator.UsageError
+    # (B holds one transient slot, C needs two more: 3 rows, which the message names)
+    with pytest.raises(ValueError, match=r"needs 3 transient rows.*--table_transient_rows \(to at least 3"):
         cache.plan(arr([0, 6, 7]), arr([1, 50, 50]))
     np.testing.assert_array_equal(cache.locks, before[0])
     np.testing.assert_array_equal(cache.slot_of_id, before[1])

@@ -61,7 +61,14 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
                               device="cpu", dtype=dtype, max_iters=10, **KINDS[kind])
     run = train.resolve(tc, overrides)
     plan = memory.plan_run(tc, run.config, run.device, run.dtype)
-    model, optimizer, loaders = train.build(run)
+    with LiveBytes() as live:
+        model, optimizer, loaders = train.build(run)
+    # building: what stays (weights and the tables' buffers; gradients and moments come later)
+    # plus the working set of building
+    stays = sum(b for place, name, b, _ in plan.rows if place in ("device", "host") and name.startswith(
+        ("backbone weights", "buffers", "table weights" if kind == "dense-adamw" else "table", "host table")))
+    building = [b for _, name, b, _ in plan.rows if name.startswith("building")]
+    assert_close(live.peak, stays + sum(building))
     ctx = configurator.autocast_context(run.device, run.dtype)
     for _ in range(2):                        # moments, catch-up history and the cache in place
         training.train_step(model, optimizer, loaders["train"], tc, 1e-3, ctx)
@@ -107,3 +114,40 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
         train.save(run, model, optimizer, loaders["train"], state)
     assert os.path.exists(run.ckpt_path)
     assert_close(live.peak, planned(plan, "checkpoint", "catch-up"))
+
+
+def short_run(dataset, tmp_path, kind, device):
+    """A run of a few steps with evals and checkpoints: (its train.py argv, its plan)."""
+    overrides, batch_size = SHAPES["wide"]
+    args = dict(dataset=dataset, out_dir=str(tmp_path), batch_size=batch_size, grad_accum_steps=2, device=device,
+                max_iters=6, eval_interval=3, eval_iters=2, **KINDS[kind])
+    tc = training.TrainConfig(**args)
+    run = train.resolve(tc, overrides)
+    return [f"--{k}={v}" for k, v in {**args, **overrides}.items()], memory.plan_run(tc, run.config, run.device,
+                                                                                      run.dtype)
+
+
+@pytest.mark.parametrize("kind", ["dense-adamw", "offloaded"])
+def test_a_short_run_peaks_at_the_planned_total(dataset, tmp_path, kind):
+    """End to end: the peak live bytes of a whole CPU run (build, steps, evals, checkpoints)
+    against the plan's total, device and host being one memory (row views are Python
+    objects, not storage: left out)."""
+    argv, plan = short_run(dataset, tmp_path, kind, "cpu")
+    views = sum(b for _, name, b, _ in plan.rows if name.startswith("row views"))
+    with LiveBytes() as live:
+        train.main(argv)
+    assert_close(live.peak, plan.total_one_memory() - views)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_short_cuda_run_peaks_at_the_planned_device_total(dataset, tmp_path, kind):
+    """What the card sees: torch.cuda.max_memory_allocated() of a short run against the
+    plan's device total (the CUDA context and the allocator's rounding are not counted)."""
+    argv, plan = short_run(dataset, tmp_path, kind, "cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train.main(argv)
+    assert_close(torch.cuda.max_memory_allocated() - before, plan.total("device"))
