@@ -70,8 +70,8 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
     building = [b for _, name, b, _ in plan.rows if name.startswith("building")]
     assert_close(live.peak, stays + sum(building))
     ctx = configurator.autocast_context(run.device, run.dtype)
-    for _ in range(2):                        # moments, catch-up history and the cache in place
-        training.train_step(model, optimizer, loaders["train"], tc, 1e-3, ctx)
+    # one step first: moments, catch-up history and the cache in place
+    training.train_step(model, optimizer, loaders["train"], tc, 1e-3, ctx)
     row = len(run.config.stem_layer_ids) * run.config.d_ff * 4
     planned_rows = memory.rows_in_flight(tc.dataset, tc.batch_size, run.config.block_size, tc.grad_accum_steps,
                                          VOCAB, tc.seed).batch
@@ -118,9 +118,9 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
 
 def short_run(dataset, tmp_path, kind, device):
     """A run of a few steps with evals and checkpoints: (its train.py argv, its plan)."""
-    overrides, batch_size = SHAPES["wide"]
+    overrides, batch_size = SHAPES["tall"]
     args = dict(dataset=dataset, out_dir=str(tmp_path), batch_size=batch_size, grad_accum_steps=2, device=device,
-                max_iters=6, eval_interval=3, eval_iters=2, **KINDS[kind])
+                max_iters=4, eval_interval=2, eval_iters=2, **KINDS[kind])
     tc = training.TrainConfig(**args)
     run = train.resolve(tc, overrides)
     return [f"--{k}={v}" for k, v in {**args, **overrides}.items()], memory.plan_run(tc, run.config, run.device,
