@@ -76,6 +76,16 @@ def test_each_working_set_is_the_measured_peak(dataset, tmp_path, kind, shape, d
     planned_rows = memory.rows_in_flight(tc.dataset, tc.batch_size, run.config.block_size, tc.grad_accum_steps,
                                          VOCAB, tc.seed).batch
 
+    # offloaded catch-up: a lookup brings its rows up to date (resident: every row at a flush, below)
+    if kind == "offloaded":
+        batch = loaders["train"].peek()
+        model.prepare(batch.row_index)
+        with LiveBytes() as live:
+            model.tables.lookup(batch.row_index)
+        missing = planned_rows - len(batch.row_index.unique_ids)
+        assert_close(live.peak, planned(plan, "catch-up"), memory.CATCHUP_ROWS_PER_ROW * missing * row)
+        model.tables.release()
+
     # a micro-batch's forward and backward: the first of a step (backward makes .grad, which
     # the plan counts as standing), then the second (.grad is there, gradients add into it;
     # with dense tables a table-sized gradient and its sum with .grad: the plan's peak)
