@@ -320,8 +320,7 @@ def report_train(bc, runners, device, dtype, block_size, unique_fraction):
 def _train_ratios(bc):
     """One fresh process's bench_train: each model's time ratio against the dense model."""
     device, dtype = configurator.resolve_device(bc.device, bc.dtype)
-    if device == "cpu" and bc.cpu_keep_freed_memory:
-        configurator.keep_freed_memory()
+    configurator.keep_freed_memory(device, bc.cpu_keep_freed_memory)
     return {r.name: r.ratio for r in bench_train(bc, device, dtype)}
 
 
@@ -394,8 +393,7 @@ def main(argv=None):
     try:
         bc = BenchConfig(**configurator.parse(argv, BenchConfig, doc=__doc__))
         device, dtype = configurator.resolve_device(bc.device, bc.dtype)
-        if device == "cpu" and bc.cpu_keep_freed_memory:
-            configurator.keep_freed_memory()
+        configurator.keep_freed_memory(device, bc.cpu_keep_freed_memory)
         if bc.mode == "train" and bc.processes > 1:
             if device != "cpu":
                 raise UsageError("processes > 1 is for the CPU (a GPU run times one model at a time already)")

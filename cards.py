@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import configurator
 import data
-import memory
 import training
 from configurator import UsageError, knob
 from model import GPTConfig
@@ -40,8 +39,7 @@ def plan_recipe(args, dataset):
                                    GPTConfig, MoEConfig)
     train_overrides, model_overrides = configurator.split_overrides(overrides, training.TrainConfig)
     tc = configurator.build(training.TrainConfig, **train_overrides)
-    config = training.resolve_model_config(tc, model_overrides, data.read_meta(tc.dataset))
-    p = memory.plan_run(tc, config, "cuda", "bfloat16")
+    p, config, _ = training.plan_of(tc, model_overrides)
     return p.total("device") / GiB, p.total("host") / GiB, tc.batch_size * tc.grad_accum_steps * config.block_size
 
 

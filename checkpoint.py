@@ -42,7 +42,8 @@ def non_finite(state_dict):
     for name, t in state_dict.items():
         if t.is_floating_point():
             flat = t.reshape(-1)
-            if not all(bool(flat[i:i + FINITE_CHUNK].isfinite().all()) for i in range(0, flat.numel(), FINITE_CHUNK)):
+            chunks = [flat[i:i + FINITE_CHUNK].isfinite().all() for i in range(0, flat.numel(), FINITE_CHUNK)]
+            if chunks and not bool(torch.stack(chunks).all()):       # one host sync per tensor
                 bad.append(name)
     return bad
 

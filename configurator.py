@@ -233,7 +233,7 @@ def autocast_context(device, dtype):
     return nullcontext()
 
 
-def keep_freed_memory():
+def keep_freed_memory(device, enabled):
     """CPU memory settings for steps that allocate and free the same large tensors every
     step (the logits and their gradient alone are B*T*vocab floats each); the opt-in of
     --cpu_keep_freed_memory. A CPU speed setting only: a GPU run's big tensors are on the GPU.
@@ -243,7 +243,9 @@ def keep_freed_memory():
     - PyTorch advises the kernel to back its large CPU tensors with 2 MB pages
       (THP_MEM_ALLOC_ENABLE, read at PyTorch's first allocation, so this must run before
       any tensor is made).
-    Process-wide, Linux/glibc only, numerics unchanged."""
+    Process-wide, Linux/glibc only, numerics unchanged. Does nothing unless enabled on the CPU."""
+    if device != "cpu" or not enabled:
+        return
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return

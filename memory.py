@@ -254,6 +254,7 @@ class Shape:
         self.a = 2 if self.dtype == "bfloat16" else 4           # bytes of an activation
         self.table = self.model.tables.weight if self.model.tables is not None else None
         self.sparse = self.table is not None and tc.table_optimizer != "adamw"
+        self.catchup = self.sparse and tc.table_optimizer == "adamw_catchup"
         self.offloaded = self.sparse and tc.tables == "offload"
         self.V, self.C, self.B, self.T, self.G = c.vocab_size, c.n_embd, tc.batch_size, c.block_size, tc.grad_accum_steps
         self.n_stem = len(c.stem_layer_ids)
@@ -264,6 +265,9 @@ class Shape:
         self.U = self.flight.batch if self.flight else 0         # rows of one micro-batch's lookup
         self.backbone = [q for q in self.model.parameters() if q is not self.table]
         self.n_backbone = sum(q.numel() for q in self.backbone)
+        # a checkpoint's finiteness check, chunk by chunk (the table is the largest tensor)
+        self.finite_check = FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, self.table.numel()) \
+            if self.table is not None else 0
         self.n_slots = self.V                                     # device slots of lazy tables (offloaded: fewer)
         if self.offloaded:
             cache_rows, transient = table_slots(tc, c)
@@ -359,20 +363,19 @@ def plan_device_working_sets(p, s):
         else:
             p.add("device*", "end of backward: the looked-up rows' gradients", 2 * U * row + held)
     if s.sparse:
-        catchup = tc.table_optimizer == "adamw_catchup"
         # catch-up also appends a step to its two float64 histories (a copy of each while the old lives)
         p.add("device*", f"lazy AdamW step: norms of the {s.flight.step} rows touched"
-              + (", their ids, the step histories" if catchup else ""),
-              (STEP_BYTES_PER_ROW + catchup * CATCHUP_STEP_BYTES_PER_ROW) * s.flight.step
-              + catchup * 2 * 8 * (tc.max_iters + 2))
-        if tc.table_optimizer == "adamw_catchup":
+              + (", their ids, the step histories" if s.catchup else ""),
+              (STEP_BYTES_PER_ROW + s.catchup * CATCHUP_STEP_BYTES_PER_ROW) * s.flight.step
+              + s.catchup * 2 * 8 * (tc.max_iters + 2))
+        if s.catchup:
             chunk = min(CATCHUP_CHUNK, U if s.offloaded else V)   # resident: the checkpoint's flush, every row
             p.add("device*", f"catch-up of {chunk} rows being read", CATCHUP_ROWS_PER_ROW * chunk * row)
     # evaluation (no grad): the lookup (catch-up reads weights and moments), then the looked-up
     # rows stay while the forward reaches the loss: the logits, their float32 copy under bf16
     # autocast, the float32 log-softmax, one (B, T, d_ff) and one (B, T, C) float32 activation,
     # and autocast's bf16 copies of the matmul weights (kept for the autocast region)
-    lookup = (8 if tc.table_optimizer == "adamw_catchup" else 3 if s.offloaded else 1) * U * row if s.sparse else 0
+    lookup = (8 if s.catchup else 3 if s.offloaded else 1) * U * row if s.sparse else 0
     N = B * T
     loss_end = U * row + N * V * (a + 4 + (4 if a != 4 else 0)) + N * (s.config.d_ff + s.C) * 4 + casts
     p.add("device*", "evaluation: a no-grad lookup, then the forward to the loss", max(lookup, loss_end))
@@ -380,7 +383,7 @@ def plan_device_working_sets(p, s):
         p.add("device*", "checkpoint: one tensor of the occupied slots gathered for the host", s.n_slots * row)
     elif s.table is not None:
         p.add("device*", f"checkpoint: the finiteness check of {checkpoint.FINITE_CHUNK} entries at a time",
-              FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, s.table.numel()))
+              s.finite_check)
 
 
 def plan_host_working_sets(p, s):
@@ -396,10 +399,9 @@ def plan_host_working_sets(p, s):
         # (counted above) is filled from it
         p.add("host*", "building: the model's dense table, while the tables' pool is filled", s.table_bytes)
     if s.offloaded:
-        catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, s.V) * s.row if tc.table_optimizer == "adamw_catchup" \
-            else 0
+        catchup = CATCHUP_ROWS_PER_ROW * min(CATCHUP_CHUNK, s.V) * s.row if s.catchup else 0
         p.add("host*", "checkpoint: the largest of the finiteness check, the flushed slots, a catch-up",
-              max(FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, s.table.numel()), s.n_slots * s.row, catchup))
+              max(s.finite_check, s.n_slots * s.row, catchup))
     elif s.table is not None and s.cuda:
         p.add("host*", "checkpoint: torch.save stages the table through host memory", s.table_bytes)
     p.checkpoint = checkpoint_bytes(s.model, tc, s.sparse)

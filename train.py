@@ -65,8 +65,7 @@ class State:
 
 def resolve(tc, model_overrides):
     device, dtype = configurator.resolve_device(tc.device, tc.dtype)
-    if device == "cpu" and tc.cpu_keep_freed_memory:
-        configurator.keep_freed_memory()
+    configurator.keep_freed_memory(device, tc.cpu_keep_freed_memory)
     meta = data.load_meta(tc.dataset)
     config = training.resolve_model_config(tc, model_overrides, meta)
     run = Run(tc, config, device, dtype, meta, os.path.join(tc.out_dir, "ckpt.pt"),
@@ -257,10 +256,7 @@ def stop_if_diverged(run, state):
 
 def dry_run(tc, model_overrides):
     """Print the plan of the run (--dry_run=True) without allocating; return its totals."""
-    device, dtype = configurator.resolve_device(tc.device, tc.dtype, need_cuda=False)
-    meta = data.read_meta(tc.dataset)
-    config = training.resolve_model_config(tc, model_overrides, meta)
-    p = memory.plan_run(tc, config, device, dtype)
+    p, config, meta = training.plan_of(tc, model_overrides)
     if meta is None:
         p.notes.append(f"dataset '{tc.dataset}' not found: vocab_size {config.vocab_size} from the config")
     print(p.format())

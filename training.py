@@ -115,6 +115,15 @@ def resolve_model_config(tc, model_overrides, meta):
     return config
 
 
+def plan_of(tc, model_overrides):
+    """The memory plan of a run as configured, on any machine (a CUDA device needs no CUDA):
+    (plan, the model config, the dataset's meta or None)."""
+    device, dtype = configurator.resolve_device(tc.device, tc.dtype, need_cuda=False)
+    meta = data.read_meta(tc.dataset)
+    config = resolve_model_config(tc, model_overrides, meta)
+    return memory.plan_run(tc, config, device, dtype), config, meta
+
+
 def token_counts(tc, config, meta):
     """Training-token frequencies for a Hash-MoE with hash_assignment=balanced, else None."""
     if config.ffn != "hash_moe" or config.moe.hash_assignment != "balanced" or tc.init_from == "resume":
