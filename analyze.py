@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import configurator
 import data
+import probes
 from configurator import UsageError, knob
 
 
@@ -34,17 +34,6 @@ class AnalysisConfig:
 
     def __post_init__(self):
         configurator.check(self)
-
-
-def abs_cosine_stats(vectors, n_pairs=20000, seed=0):
-    """Mean, P50 and P95 of |cos| between random pairs of distinct rows of vectors (N, d)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = vectors.size(0)
-    i = torch.randint(n, (n_pairs,), generator=generator)
-    j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n      # j != i
-    v = F.normalize(vectors.double(), dim=-1)
-    cos = (v[i] * v[j]).sum(-1).abs()
-    return {"mean": cos.mean().item(), "p50": cos.quantile(0.5).item(), "p95": cos.quantile(0.95).item()}
 
 
 def distinct_rows_by_length(tokens, lengths, n_windows=200, seed=0):
@@ -61,17 +50,8 @@ def distinct_rows_by_length(tokens, lengths, n_windows=200, seed=0):
 
 def dense_up_projection_stats(dense, tokens, layers, seed):
     """|cos| statistics of the dense model's W_up x outputs on val text, per layer."""
-    outputs = {i: [] for i in layers}
-    hooks = [dense.blocks[i].ffn.up.register_forward_hook(
-        lambda module, inputs, output, i=i: outputs[i].append(output.reshape(-1, output.size(-1))))
-        for i in layers]
-    block = dense.config.block_size
-    windows = tokens[: (len(tokens) // block) * block].view(-1, block)[:16]
-    with torch.no_grad():
-        dense(windows, windows)
-    for h in hooks:
-        h.remove()
-    return {i: abs_cosine_stats(torch.cat(outputs[i]), seed=seed) for i in layers}
+    outputs = probes.dense_up_projection_outputs(dense, tokens, layers)
+    return {i: probes.abs_cosine_stats(o, seed=seed) for i, o in outputs.items()}
 
 
 def analyze(ac):
@@ -108,7 +88,7 @@ def analyze(ac):
     print(f"{'layer':>6}{'mean':>9}{'P50':>9}{'P95':>9}   dense up-proj outputs: mean / P50 / P95 (paper P95 ~0.15)")
     rows = []
     for slot, layer in enumerate(stem_layers):
-        s = abs_cosine_stats(table[:, slot], seed=ac.seed)
+        s = probes.abs_cosine_stats(table[:, slot], seed=ac.seed)
         d = dense_stats.get(layer)
         rows.append((layer, s, d))
         dense_text = f"{d['mean']:.3f} / {d['p50']:.3f} / {d['p95']:.3f}" if d else "-"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import analyze
+import probes
 import stem
 import train
 from test_train import make_dataset, tiny_args
@@ -14,7 +15,7 @@ from test_train import make_dataset, tiny_args
 
 def test_abs_cosine_stats_match_numpy_on_the_same_pairs():
     vectors = torch.randn(50, 7)
-    stats = analyze.abs_cosine_stats(vectors, n_pairs=3000, seed=3)
+    stats = probes.abs_cosine_stats(vectors, n_pairs=3000, seed=3)
     # redraw the same pairs, then compute |cos| in float64 numpy
     generator = torch.Generator().manual_seed(3)
     i = torch.randint(50, (3000,), generator=generator).numpy()
@@ -28,8 +29,8 @@ def test_abs_cosine_stats_match_numpy_on_the_same_pairs():
 
 
 def test_abs_cosine_stats_on_known_geometry():
-    orthogonal = analyze.abs_cosine_stats(torch.eye(16) * 3.0)
-    parallel = analyze.abs_cosine_stats(torch.tensor([[1.0, 2.0], [-2.0, -4.0], [0.5, 1.0]]))
+    orthogonal = probes.abs_cosine_stats(torch.eye(16) * 3.0)
+    parallel = probes.abs_cosine_stats(torch.tensor([[1.0, 2.0], [-2.0, -4.0], [0.5, 1.0]]))
     assert orthogonal["p95"] == 0.0 and parallel["p50"] == pytest.approx(1.0)
 
 
