@@ -45,6 +45,7 @@ def entry_points():
             ("analyze.py", analyze.main, [analyze.AnalysisConfig]),
             ("bench.py", bench.main, [bench.BenchConfig]),
             ("compare.py", compare.main, [compare.CompareConfig]),
+            ("compare.py study", lambda argv: compare.main(["study"] + argv), [compare.StudyConfig]),
             ("simulate.py", simulate.main, [simulate.SimConfig]),
             ("cards.py", cards.main, [cards.CardsConfig]),
             ("data/facts/prepare.py", facts.main, [facts.PrepareConfig]),
