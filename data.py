@@ -128,14 +128,19 @@ class BatchLoader:
     holds: a torch.unique on the GPU would force a host sync every step.
     peek() shows the next batch early (the training step prepares its table rows while
     the current batch computes); state_dict() is the position before any batch not yet
-    handed out by next()."""
+    handed out by next(). Of a torchrun job, rank r of N keeps rows [r B / N, (r + 1) B / N)
+    of every batch drawn: the global batch is the seed's, whatever N."""
 
-    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index):
+    def __init__(self, path, dtype, batch_size, block_size, vocab_size, device, seed, with_row_index, rank=0,
+                 world_size=1):
         self.path, self.data = path, np.memmap(path, dtype=dtype, mode="r")
         if len(self.data) <= block_size + 1:
             raise UsageError(f"{path} has {len(self.data)} tokens, fewer than block_size + 2")
         self.batch_size, self.block_size, self.vocab_size = batch_size, block_size, vocab_size
         self.device, self.with_row_index = device, with_row_index
+        if batch_size % world_size:
+            raise UsageError(f"batch_size {batch_size} does not split over {world_size} ranks")
+        self.rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.pending, self.pending_state = None, None   # the batch peeked at, and the state before it
 
@@ -152,7 +157,7 @@ class BatchLoader:
 
     def _draw(self):
         window = draw_windows(self.data, self.generator, self.batch_size, self.block_size)   # (B, T+1)
-        window = torch.from_numpy(window.astype(np.int64))
+        window = torch.from_numpy(window[self.rows].astype(np.int64))                 # this rank's rows
         x, y = window[:, :-1], window[:, 1:]                                   # (B, T) each
         row_index = stem.RowIndex.of(x) if self.with_row_index else None
         try:

@@ -147,12 +147,22 @@ class ResidentTables(nn.Module):
         # CPU), and its backward index_add_ is deterministic
         return self.weight.index_select(0, row_index.unique_ids)      # (U, n_stem, d_ff)
 
-    def step(self, lr, max_norm=0.0):
+    def step(self, lr, max_norm=0.0, all_reduce=None):
         """Clip the table's gradient on its own norm, take an AdamW step, clear the
-        gradient. Returns the norm (a tensor), None if no gradient came."""
-        if self.weight.grad is None:
-            return None
-        norm = torch.nn.utils.clip_grad_norm_([self.weight], max_norm if max_norm > 0 else float("inf"))
+        gradient. Returns the norm (a tensor), None if no gradient came. all_reduce (a shard
+        of a table, shards.py): sums a tensor over the shards, so the norm is the whole
+        table's, and a shard that no batch read still steps (its rows decay, as in one
+        process)."""
+        if all_reduce is None:
+            if self.weight.grad is None:
+                return None
+            norm = torch.nn.utils.clip_grad_norm_([self.weight], max_norm if max_norm > 0 else float("inf"))
+        else:
+            if self.weight.grad is None:
+                self.weight.grad = torch.zeros_like(self.weight)
+            norm = all_reduce(torch.linalg.vector_norm(self.weight.grad).square()).sqrt()
+            if max_norm > 0:
+                self.weight.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -267,19 +267,20 @@ class LazyTables(nn.Module):
         self.rows.release(plans)
 
     @torch.no_grad()
-    def step(self, lr, max_norm=0.0):
+    def step(self, lr, max_norm=0.0, all_reduce=None):
         """Clip the touched rows' gradient (the rows of batches whose backward ran) on its
         own norm, apply lazy AdamW to those rows, clear their gradient, release the slots of
         every batch looked up. Returns the gradient norm (a tensor), None if nothing was
-        touched."""
+        touched. all_reduce (a shard of a table, shards.py): sums a tensor over the shards,
+        so the norm is the whole table's, and a shard nobody touched still takes its step."""
         plans = [plan for _, plan in self.in_flight.values()]
         touched = [plan for plan in plans if plan.get("touched")]
-        if not touched:
+        if not touched and all_reduce is None:
             self.release()
             return None
         self.flushed = False
         start = time.perf_counter()
-        slots = np.unique(np.concatenate([plan["slots"] for plan in touched]))
+        slots = np.unique(np.concatenate([plan["slots"] for plan in touched])) if touched else np.zeros(0, np.int64)
         # in id order, as resident slots are: the norm's summation order (its last bits)
         # must not depend on the cache layout, or resident and offloaded runs drift apart
         slots = slots[np.argsort(self.rows.ids_of(slots))]
@@ -287,8 +288,11 @@ class LazyTables(nn.Module):
         # the touched rows where they lie: K views per tensor, no gather and no scatter back
         slot_list = slots.tolist()
         rows = {name: [views[slot] for slot in slot_list] for name, views in self.views.items()}
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(rows["grad"])))   # of the (K, n_stem, d_ff) gradient
-        if max_norm > 0:
+        norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(rows["grad"])))   # of the (K, n_stem, d_ff) gradient
+                if slot_list else torch.zeros((), device=self.device))
+        if all_reduce is not None:
+            norm = all_reduce(norm.square()).sqrt()
+        if max_norm > 0 and slot_list:
             torch._foreach_mul_(rows["grad"], torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         ids = offload.on_device(self.device, self.rows.ids_of(slots)) if self.optimizer.catch_up_mode else None
         self.optimizer.update(rows["weight"], rows["exp_avg"], rows["exp_avg_sq"], rows["grad"], lr, ids)

@@ -27,7 +27,9 @@ from tqdm import tqdm
 import checkpoint
 import configurator
 import data
+import distributed
 import memory
+import shards
 import tasks
 import training
 from configurator import UsageError
@@ -48,6 +50,11 @@ class Run:
     resume_from: dict = None        # the checkpoint resumed from (init_from=resume)
     tokenizer_json: str = None      # stored in the checkpoint, so that sampling needs no data folder
     eval_tasks: list = field(default_factory=list)
+    world: distributed.World = None  # under torchrun: this rank and the world size
+
+    @property
+    def is_main(self):
+        return self.world is None or self.world.is_main
 
 
 @dataclass
@@ -65,12 +72,15 @@ class State:
 
 def resolve(tc, model_overrides):
     device, dtype = configurator.resolve_device(tc.device, tc.dtype)
+    check_world_size(tc)
+    world = distributed.init(device, tc.dist_timeout)
+    device = distributed.device_of(world, device)
     configurator.keep_freed_memory(device, tc.cpu_keep_freed_memory)
     meta = data.load_meta(tc.dataset)
     config = training.resolve_model_config(tc, model_overrides, meta)
     run = Run(tc, config, device, dtype, meta, os.path.join(tc.out_dir, "ckpt.pt"),
               tokenizer_json=data.tokenizer_json(tc.dataset, meta),
-              eval_tasks=[t.strip() for t in tc.eval_tasks.split(",") if t.strip()])
+              eval_tasks=[t.strip() for t in tc.eval_tasks.split(",") if t.strip()], world=world)
     if run.eval_tasks:
         if run.tokenizer_json is None:
             raise UsageError(f"eval_tasks needs text: dataset '{tc.dataset}' has no tokenizer")
@@ -87,19 +97,32 @@ def resolve(tc, model_overrides):
     return run
 
 
+def check_world_size(tc):
+    launched = distributed.launched_size()
+    if tc.world_size and tc.world_size != launched:
+        raise UsageError(f"--world_size={tc.world_size} but {launched} process(es) were launched: the flag is for "
+                         f"--dry_run=True plans; leave it 0 (or give torchrun --nproc_per_node={tc.world_size})")
+
+
 def build(run):
     """The model (tables converted before it moves), its optimiser, the data loaders."""
     tc, config = run.tc, run.config
     torch.manual_seed(tc.seed)
     model = GPT(config, training.token_counts(tc, config, run.meta))
-    training.build_tables(model, tc, run.device)
+    if run.world is None:
+        training.build_tables(model, tc, run.device)
+    elif model.tables is not None:
+        shards.shard_tables(model, tc, run.world, run.device)     # this rank's rows only
     model.to(run.device)
+    if run.world is not None:
+        distributed.shard_backbone(model, run.world)
     optimizer = training.configure_optimizer(model, tc)
     if run.eval_tasks:
         model.eos_id = run.meta.get("eos_id") or 0      # the pad token of scored batches
     loader = lambda split, seed: data.BatchLoader(
         os.path.join(data.data_dir_of(tc.dataset), f"{split}.bin"), run.meta["dtype"], tc.batch_size,
-        config.block_size, config.vocab_size, run.device, seed, with_row_index=model.tables is not None)
+        config.block_size, config.vocab_size, run.device, seed, with_row_index=model.tables is not None,
+        rank=run.world.rank if run.world else 0, world_size=run.world.world_size if run.world else 1)
     loaders = {"train": loader("train", tc.seed), "eval": {split: loader(split, 0) for split in ("train", "val")}}
     return model, optimizer, loaders
 
@@ -126,13 +149,14 @@ def run_training(tc, model_overrides):
     model, optimizer, loaders = build(run)
     state = restore(run, model, optimizer, loaders["train"])
     total_params, active_params = model.num_params()
-    print(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
+    say = print if run.is_main else (lambda *a, **k: None)       # only rank 0 speaks, logs and writes metrics
+    say(f"model: {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active, "
           f"{model.flops_per_token() / 1e6:.2f} MFLOPs/token forward, STEM layers {list(run.config.stem_layer_ids)}")
     compiled = torch.compile(model) if tc.compile else model
     ctx = configurator.autocast_context(run.device, run.dtype)
-    log = open(os.path.join(tc.out_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(tc.out_dir, "metrics.jsonl") if run.is_main else os.devnull, "a")
     start_iter, t0 = state.iter_num, time.perf_counter()
-    pbar = tqdm(total=tc.max_iters, initial=state.iter_num, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=tc.max_iters, initial=state.iter_num, desc="train", dynamic_ncols=True, disable=not run.is_main)
     while state.iter_num < tc.max_iters:
         if state.iter_num % tc.eval_interval == 0 and state.iter_num > start_iter:    # not again right after a resume
             improved = evaluate(run, compiled, model, loaders["eval"], state, ctx, log)
@@ -155,8 +179,8 @@ def run_training(tc, model_overrides):
             tokens_per_sec = tc.batch_size * tc.grad_accum_steps * run.config.block_size * tc.log_interval / (
                 time.perf_counter() - t0)
             t0 = time.perf_counter()
-            record = step_record(model, state.iter_num, loss, lr, grad_norm, table_grad_norm, tokens_per_sec,
-                                 run.device)
+            record = step_record(model, state.iter_num, distributed.mean(loss.item(), run.world), lr, grad_norm,
+                                 table_grad_norm, tokens_per_sec, run.device)
             log.write(json.dumps(record) + "\n")
             log.flush()
             pbar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
@@ -172,7 +196,7 @@ def run_training(tc, model_overrides):
 def step_record(model, iter_num, loss, lr, grad_norm, table_grad_norm, tokens_per_sec, device):
     """A metrics.jsonl line of a training step (the one place the loop reads its tensors)."""
     mfu = model.estimate_mfu(tokens_per_sec) if device.startswith("cuda") else None
-    record = {"iter": iter_num, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+    record = {"iter": iter_num, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
               "table_grad_norm": None if table_grad_norm is None else float(table_grad_norm),
               "tokens_per_sec": tokens_per_sec, "mfu": mfu}
     if model.aux is not None:       # MoE baselines: auxiliary losses and expert loads
@@ -183,9 +207,10 @@ def step_record(model, iter_num, loss, lr, grad_norm, table_grad_norm, tokens_pe
 
 
 @torch.no_grad()
-def estimate_loss(model, loaders, eval_iters, ctx):
+def estimate_loss(model, loaders, eval_iters, ctx, world=None):
     """Mean loss over eval_iters batches per split, always the same batches (the eval
-    loaders are reseeded), so evals are comparable and do not disturb training's data."""
+    loaders are reseeded), so evals are comparable and do not disturb training's data.
+    Under torchrun each rank scores its slice of every batch and the means are averaged."""
     model.eval()
     out = {}
     for split, loader in loaders.items():
@@ -195,7 +220,7 @@ def estimate_loss(model, loaders, eval_iters, ctx):
             b = loader.next()
             with ctx:
                 losses[k] = model(b.x, b.y, b.row_index)[1].item()
-        out[split] = losses.mean().item()
+        out[split] = distributed.mean(losses.mean().item(), world)
     model.train()
     return out
 
@@ -203,7 +228,7 @@ def estimate_loss(model, loaders, eval_iters, ctx):
 def evaluate(run, compiled, model, loaders, state, ctx, log):
     """Losses on both splits (and the downstream tasks asked for), logged; True if val improved."""
     stop_if_diverged(run, state)
-    losses = estimate_loss(compiled, loaders, run.tc.eval_iters, ctx)
+    losses = estimate_loss(compiled, loaders, run.tc.eval_iters, ctx, run.world)
     record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
     text = f"iter {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
     if run.eval_tasks:
@@ -216,7 +241,8 @@ def evaluate(run, compiled, model, loaders, state, ctx, log):
         text += "".join(f", {task} {100 * m['primary']:.1f}%" for task, m in scores.items())
     log.write(json.dumps(record) + "\n")
     log.flush()
-    tqdm.write(text)
+    if run.is_main:
+        tqdm.write(text)
     improved = losses["val"] < state.best_val_loss
     state.best_val_loss = min(state.best_val_loss, losses["val"])
     state.losses = losses
@@ -225,6 +251,8 @@ def evaluate(run, compiled, model, loaders, state, ctx, log):
 
 def save(run, model, optimizer, train_loader, state):
     """The checkpoint of the run now; a diverged model never replaces a good checkpoint."""
+    if run.world is not None:
+        return      # TODO sharded checkpoints
     bad = checkpoint.non_finite(model.state_dict())
     if bad:
         raise UsageError(f"iter {state.iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
@@ -249,6 +277,7 @@ def kept_checkpoint(run, state):
 
 def stop_if_diverged(run, state):
     bad = int(state.first_bad_iter)
+    bad = distributed.first_of(bad, run.world)      # every rank stops together, at the first bad step of any
     if bad >= 0:
         raise UsageError(f"iter {bad}: the loss or gradient norm is not finite (diverged; try a lower "
                          f"learning_rate); training stopped, {kept_checkpoint(run, state)}")
@@ -287,7 +316,8 @@ def main(argv=None):
         train_overrides, model_overrides = configurator.split_overrides(overrides, TrainConfig)
         return train(configurator.build(TrainConfig, **train_overrides), model_overrides)
     except UsageError as e:
-        sys.exit(f"error: {e}")
+        # under torchrun every rank meets a bad flag: rank 0 alone says so
+        sys.exit(f"error: {e}" if distributed.should_report() else 1)
 
 
 if __name__ == "__main__":

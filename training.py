@@ -71,6 +71,10 @@ class TrainConfig:
     deterministic: bool = knob(False, help="CUDA: deterministic kernels and cuBLAS workspace (slower); CPU runs "
                                            "are bitwise repeatable without it")
     dry_run: bool = knob(False, help="print the memory plan (device, host, checkpoint) and exit; allocates nothing")
+    world_size: int = knob(0, ge=0, help="ranks the memory plan is for (0: as launched); under torchrun it must "
+                                         "be the launched number")
+    dist_timeout: int = knob(600, ge=1, help="torchrun: seconds a collective waits before the job ends with an "
+                                             "error (a rank that died does not hang the others)")
     cpu_keep_freed_memory: bool = knob(False, help="CPU runs: keep freed memory in the heap and back big tensors "
                                                    "with 2 MB pages, so steps do not page-fault their logits in "
                                                    "again (glibc only, process-wide; numerics unchanged)")
@@ -163,7 +167,8 @@ def configure_optimizer(model, tc):
               {"params": [p for p in backbone if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one pass over each tensor (weights, gradient, both moments), on the CPU too
     if model.tables is not None and tc.table_optimizer == "adamw":
-        model.tables.optimizer = torch.optim.AdamW([model.tables.weight], lr=tc.learning_rate,
+        dense = getattr(model.tables, "local", model.tables)       # a shard of the tables (shards.py) holds its own
+        dense.optimizer = torch.optim.AdamW([dense.weight], lr=tc.learning_rate,
                                                    betas=(tc.beta1, tc.beta2), weight_decay=tc.table_decay,
                                                    fused=True)
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)

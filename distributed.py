@@ -1,0 +1,108 @@
+"""
+More than one process: `torchrun --nproc_per_node=N train.py ...`.
+
+The backbone trains under FSDP2 (`fully_shard` per block and at the root): parameters,
+gradients and AdamW moments are sharded, which is what a 1B backbone on 24 GB cards needs
+(DDP would hold all of them on every rank). The STEM tables stay out of FSDP: they are
+sharded by vocabulary (shards.py), each row owned by one rank. The global batch and its
+order depend on the seed only; rank r trains on rows [r * B / N, (r + 1) * B / N) of every
+micro-batch. NCCL on GPUs, gloo on the CPU. One process without torchrun runs as before:
+nothing here is touched.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from configurator import UsageError
+
+MIN_TORCH = (2, 7)      # fully_shard with ignored_params, gloo all_to_all_single with uneven splits
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def launched_size():
+    """The world size torchrun launched (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def torch_version():
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def init(device, timeout_s):
+    """Join the torchrun job (None for one process); collectives time out after timeout_s,
+    so that a rank that died ends the job instead of hanging it."""
+    world_size = launched_size()
+    if world_size == 1:
+        return None
+    if torch_version() < MIN_TORCH:
+        raise UsageError(f"distributed runs need torch >= {'.'.join(map(str, MIN_TORCH))} (fully_shard with "
+                         f"ignored_params, gloo all_to_all_single with uneven splits); this is {torch.__version__}")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return World(rank, world_size, local_rank)
+
+
+def device_of(world, device):
+    """cuda -> cuda:local_rank under torchrun."""
+    if world is not None and device.startswith("cuda"):
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def mean(value, world):
+    """The mean of a float over ranks (every rank gets it)."""
+    if world is None:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world.world_size
+
+
+def first_of(value, world):
+    """The least non-negative int over ranks, -1 where no rank has one (a rank's first
+    diverged step: every rank stops at the same one)."""
+    if world is None:
+        return value
+    none = 1 << 62
+    t = torch.tensor([value if value >= 0 else none], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return -1 if t.item() == none else t.item()
+
+
+def should_report():
+    """Whether this process prints an error: every process outside torchrun; under torchrun
+    rank 0 before the job is joined (a bad flag is bad on every rank), any rank after."""
+    return os.environ.get("RANK", "0") == "0" or dist.is_initialized()
+
+
+def shard_backbone(model, world):
+    """FSDP2 over the backbone: one unit per block, the rest (embeddings, final norm, the
+    tied head) at the root. The STEM tables are left out (they are sharded by rows)."""
+    from torch.distributed.fsdp import fully_shard
+    ignored = set(model.tables.parameters()) if model.tables is not None else set()
+    for block in model.blocks:
+        fully_shard(block, ignored_params=ignored & set(block.parameters()) or None)
+    fully_shard(model, ignored_params=ignored or None)
+    return model
+
+
+def finish(world):
+    if world is not None and dist.is_initialized():
+        dist.destroy_process_group()
