@@ -13,6 +13,8 @@ sampler needs without the data folder (model config, tokenizer, dataset meta).
 
 import os
 import random
+import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -26,9 +28,22 @@ KEYS = ("model", "model_config", "train_config", "iter_num", "meta")        # ev
 RESUME_KEYS = ("optimizer", "data", "rng", "best_val_loss", "table_optimizer")   # a resumable one
 
 
+SHARDED = "ckpt.dcp"     # a torchrun job's checkpoint: a torch.distributed.checkpoint folder
+
+
 def path_of(path):
-    """The checkpoint file of a run folder (or the file itself)."""
-    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    """The checkpoint of a run folder (ckpt.pt, or the sharded ckpt.dcp of a torchrun job;
+    ckpt.dcp.old if a job died while swapping it in), or the path itself."""
+    if not os.path.isdir(path) or path.endswith((SHARDED, SHARDED + ".old")):
+        return path
+    for name in ("ckpt.pt", SHARDED, SHARDED + ".old"):
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return os.path.join(path, "ckpt.pt")
+
+
+def is_sharded(path):
+    return os.path.isdir(path_of(path))
 
 
 # elements checked at a time: torch.isfinite makes a float copy (abs) and three masks, 7 bytes
@@ -56,6 +71,93 @@ def save(state, path):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    shutil.rmtree(os.path.join(os.path.dirname(path), SHARDED), ignore_errors=True)   # a sharded one is older now
+
+
+def save_sharded(state, out_dir, is_main):
+    """A torchrun job's checkpoint, every rank writing its shards (torch.distributed.
+    checkpoint) into ckpt.dcp.tmp; rank 0 then swaps it in for ckpt.dcp (the old one kept
+    as ckpt.dcp.old until the new one is in place) and removes an older ckpt.pt."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    final = os.path.join(out_dir, SHARDED)
+    tmp, old = final + ".tmp", final + ".old"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    dist.barrier()
+    if is_main:
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            os.remove(os.path.join(out_dir, "ckpt.pt"))
+    dist.barrier()
+
+
+def load_sharded(targets, path):
+    """Fill targets (the job's own sharded state: DTensors of this world size) from a
+    sharded checkpoint written at any world size: torch.distributed.checkpoint reads the
+    ranges each rank needs."""
+    import torch.distributed.checkpoint as dcp
+    stored = dcp.FileSystemReader(path_of(path)).read_metadata().state_dict_metadata
+    targets = fit_to_saved(targets, stored)
+    dcp.load(targets, checkpoint_id=path_of(path))
+    return targets
+
+
+def fit_to_saved(state, stored, prefix=""):
+    """state with each plain tensor whose saved size differs (a history that grows with
+    the steps, as catch-up's) replaced by an empty one of the saved size, to be filled."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.tensor import DTensor
+    if isinstance(state, dict):
+        return {k: fit_to_saved(v, stored, f"{prefix}{k}.") for k, v in state.items()}
+    saved = stored.get(prefix[:-1])
+    if (isinstance(state, torch.Tensor) and not isinstance(state, DTensor) and isinstance(saved, TensorStorageMetadata)
+            and tuple(saved.size) != tuple(state.shape)):
+        return torch.empty(saved.size, dtype=saved.properties.dtype)
+    return state
+
+
+def sharded_has(path, key):
+    """Whether a sharded checkpoint holds a top-level key."""
+    import torch.distributed.checkpoint as dcp
+    keys = dcp.FileSystemReader(path_of(path)).read_metadata().state_dict_metadata
+    return any(k == key or k.startswith(key + ".") for k in keys)
+
+
+def read_sharded_extra(path):
+    """The configs, step and meta of a sharded checkpoint, without reading its tables."""
+    return _read_sharded(path, keys={"extra"})["extra"]
+
+
+def _read_sharded(path, keys=None):
+    """A sharded checkpoint's top-level keys (all if None) read whole in one process (the
+    loader torch's own dcp_to_torch_save uses)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    with warnings.catch_warnings():         # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_state_dict_from_keys(keys, checkpoint_id=path_of(path))
+
+
+def read_sharded_whole(path):
+    """A sharded checkpoint read whole in one process, in one process's format: the
+    tables' rows in id order, the job's rank-0 RNG state. Its optimiser state is keyed by
+    parameter names (training.restore_optimizer takes either kind)."""
+    import shards
+    state = _read_sharded(path)
+    out = dict(state["extra"])
+    out["model"], out["optimizer"], out["rng"] = dict(state["model"]), state["optimizer"], state["rng.0"]
+    out["table_optimizer"] = None
+    if "tables" in state:
+        owner_map = shards.OwnerMap(out["model_config"]["vocab_size"], 1)
+        whole = shards.unpermute(state["tables"], owner_map)
+        out["model"]["tables.weight"], out["table_optimizer"] = whole["weight"], whole["optimizer"]
+    return out
 
 
 def read(path, mmap=False, resume=False):
@@ -67,7 +169,10 @@ def read(path, mmap=False, resume=False):
     if not os.path.exists(ckpt_path):
         raise UsageError(f"no checkpoint at {ckpt_path}: train one with `python train.py` first")
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=mmap)
+        if os.path.isdir(ckpt_path):
+            checkpoint = read_sharded_whole(ckpt_path)
+        else:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:      # torch.load raises many kinds on a damaged file
         size = os.path.getsize(ckpt_path)
         raise UsageError(f"{ckpt_path} ({size:,} bytes) is not a readable checkpoint, perhaps truncated or "

@@ -10,6 +10,7 @@ micro-batch. NCCL on GPUs, gloo on the CPU. One process without torchrun runs as
 nothing here is touched.
 """
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -101,6 +102,64 @@ def shard_backbone(model, world):
         fully_shard(block, ignored_params=ignored & set(block.parameters()) or None)
     fully_shard(model, ignored_params=ignored or None)
     return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints of a job: torch.distributed.checkpoint, resharded on load
+
+def table_mesh(world, device):
+    """The 1-D mesh the tables' shards are DTensors on (made once)."""
+    if getattr(world, "mesh", None) is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        world.mesh = init_device_mesh(torch.device(device).type, (world.world_size,))
+    return world.mesh
+
+
+def sharded_state(model, optimizer, extra, world, device, rng_keys=None):
+    """What a job's checkpoint holds: the backbone's and its optimiser's FSDP shards, the
+    tables' shards (shards.ShardedTables.sharded_state), `extra` (configs, step, data
+    position: the same on every rank) and each rank's RNG state under rng.<rank>."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    with backbone_only(model):
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+                 "extra": extra}
+    import checkpoint
+    for key in rng_keys or [f"rng.{world.rank}"]:
+        state[key] = checkpoint.rng_state()     # the saved one replaces it on load
+    if model.tables is not None:
+        state["tables"] = model.tables.sharded_state(table_mesh(world, device))
+    return state
+
+
+def load_backbone(model, optimizer, model_state, optimizer_state, whole):
+    """The backbone and its optimiser from a checkpoint's states: this job's shards, or
+    (whole=True) one process's full tensors, each rank keeping its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    with backbone_only(model):
+        set_model_state_dict(model, {k: v for k, v in model_state.items() if not k.startswith("tables.")},
+                             options=StateDictOptions(full_state_dict=whole))
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=whole))
+
+
+@contextlib.contextmanager
+def backbone_only(model):
+    """The model without its tables, for torch.distributed.checkpoint.state_dict (which
+    would look for the tables' rows as parameters; they are the shards' own state)."""
+    tables, model.tables = model.tables, None
+    try:
+        yield model
+    finally:
+        model.tables = tables
+
+
+def any_rank(flag, world):
+    """Whether flag is true on any rank."""
+    if world is None:
+        return flag
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def finish(world):

@@ -151,8 +151,10 @@ class LazyAdamW:
     def state_dict(self):
         state = {"step_count": self.step_count}
         if self.catch_up_mode:
-            state.update(last_step=self.last_step.cpu(), log_decay_prefix=self.log_decay_prefix.cpu(),
-                         move_scale=self.move_scale.cpu())
+            # copies, also on the CPU: a checkpoint loaded in place must not write into the live state
+            state.update(last_step=self.last_step.to("cpu", copy=True),
+                         log_decay_prefix=self.log_decay_prefix.to("cpu", copy=True),
+                         move_scale=self.move_scale.to("cpu", copy=True))
         return state
 
     def load_state_dict(self, state):

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 import lazy_adamw
-import memory
 import stem
 import tables as lazy_tables
 
@@ -170,6 +169,43 @@ class ShardedTables(torch.nn.Module):
         dist.all_reduce(rows, group=self.group)            # one owner wrote each row, the rest zeros
         return rows
 
+    # -- checkpoints: the shard's state, as one process's at the shard's rows ------------------
+
+    def local_state(self):
+        """{"weight", "optimizer"}: this shard's weights and its source's optimiser state,
+        in one process's format over the shard's rows (in owner_map.owned order)."""
+        weight = self.local.tensors()["weight"] if hasattr(self.local, "tensors") else self.local.weight.detach()
+        return {"weight": weight, "optimizer": self.local.optimizer_state()}
+
+    def load_local_state(self, state):
+        state = int_keys(state)
+        with torch.no_grad():
+            if hasattr(self.local, "load_tensors"):
+                self.local.load_tensors({"weight": state["weight"]})
+            else:
+                self.local.weight.copy_(state["weight"])
+        self.local.load_optimizer_state(state["optimizer"])
+
+    def sharded_state(self, mesh):
+        """local_state with every per-row tensor a DTensor: the shard of a table in the
+        owner map's permuted order, which torch.distributed.checkpoint reshards by ranges."""
+        from torch.distributed.tensor import DTensor, Shard
+        vocab_size = self.owner_map.vocab_size
+
+        def as_dtensor(t):
+            shape = torch.Size((vocab_size,) + tuple(t.shape[1:]))
+            return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=shape,
+                                      stride=torch.empty(shape, device="meta").stride())
+        return map_rows(self.local_state(), as_dtensor)
+
+    def load_sharded_state(self, state):
+        self.load_local_state(map_rows(state, lambda t: t.to_local()))
+
+    def load_full_state(self, state):
+        """From one process's format over the whole table (rows in id order): take ours."""
+        owned = self.owner_map.owned(self.rank)
+        self.load_local_state(map_rows(state, lambda t: t.index_select(0, owned.to(t.device))))
+
     def optimizer_state(self):
         return self.local.optimizer_state()
 
@@ -177,11 +213,39 @@ class ShardedTables(torch.nn.Module):
         self.local.load_optimizer_state(state)
 
 
-def shard_tables(model, tc, world, device, seed=0):
+ROW_KEYS = ("weight", "exp_avg", "exp_avg_sq", "last_step")   # the per-row tensors of a table's state
+
+
+def map_rows(state, fn):
+    """state with fn applied to every per-row tensor (a ROW_KEYS leaf), the rest as is."""
+    if isinstance(state, dict):
+        return {k: fn(v) if k in ROW_KEYS and isinstance(v, torch.Tensor) else map_rows(v, fn)
+                for k, v in state.items()}
+    return state
+
+
+def int_keys(state):
+    """state with every dict keyed by digit strings keyed by ints again (a torch
+    optimiser numbers its parameters; a checkpoint's flattening writes the numbers as text)."""
+    if not isinstance(state, dict):
+        return state
+    if state and all(isinstance(k, str) and k.isdigit() for k in state):
+        return {int(k): int_keys(v) for k, v in state.items()}
+    return {k: int_keys(v) for k, v in state.items()}
+
+
+def unpermute(state, owner_map):
+    """A table state read whole from a sharded checkpoint (rows in permuted order) in id
+    order, as one process holds it."""
+    return int_keys(map_rows(state, lambda t: t.index_select(0, owner_map.position)))
+
+
+def shard_tables(model, tc, world, device, table_slots, seed=0):
     """Replace the model's full tables (built on the CPU, the same bits on every rank) by
     this rank's shard behind ShardedTables: a stem.ResidentTables of its rows under dense
     AdamW (training.configure_optimizer gives it its optimiser), or tables.LazyTables,
-    resident or offloaded with its own LFU cache."""
+    resident or offloaded with its own LFU cache. table_slots: memory.table_slots of the
+    whole table (cache rows None: resident)."""
     full = model.tables.weight.detach()
     vocab_size, n_stem, d_ff = full.shape
     owner_map = OwnerMap(vocab_size, world.world_size, seed)
@@ -195,7 +259,7 @@ def shard_tables(model, tc, world, device, seed=0):
     else:
         optimizer = lazy_adamw.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=tc.table_decay,
                                          catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
-        cache_rows, transient_rows = memory.table_slots(tc, model.config)
+        cache_rows, transient_rows = table_slots
         if cache_rows is not None:          # the shard's share of the cache; rows in flight bounded by the shard
             cache_rows = max(1, int(tc.table_cache_fraction * len(mine)))
             transient_rows = min(transient_rows, len(mine))

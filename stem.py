@@ -173,7 +173,15 @@ class ResidentTables(nn.Module):
         """Nothing to write back."""
 
     def optimizer_state(self):
-        return {"adamw": self.optimizer.state_dict()}
+        """The AdamW state; before the first step, the state it would have after none
+        (zero moments), so that the structure a checkpoint fills is always whole."""
+        state = self.optimizer.state_dict()
+        if not state["state"]:
+            fused = self.optimizer.param_groups[0].get("fused")
+            state["state"] = {0: {"step": torch.zeros((), dtype=torch.float32,
+                                                      device=self.weight.device if fused else "cpu"),
+                                  "exp_avg": torch.zeros_like(self.weight), "exp_avg_sq": torch.zeros_like(self.weight)}}
+        return {"adamw": state}
 
     def load_optimizer_state(self, state):
         self.optimizer.load_state_dict(state["adamw"])

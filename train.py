@@ -78,7 +78,7 @@ def resolve(tc, model_overrides):
     configurator.keep_freed_memory(device, tc.cpu_keep_freed_memory)
     meta = data.load_meta(tc.dataset)
     config = training.resolve_model_config(tc, model_overrides, meta)
-    run = Run(tc, config, device, dtype, meta, os.path.join(tc.out_dir, "ckpt.pt"),
+    run = Run(tc, config, device, dtype, meta, os.path.join(tc.out_dir, checkpoint.SHARDED if world else "ckpt.pt"),
               tokenizer_json=data.tokenizer_json(tc.dataset, meta),
               eval_tasks=[t.strip() for t in tc.eval_tasks.split(",") if t.strip()], world=world)
     if run.eval_tasks:
@@ -92,7 +92,11 @@ def resolve(tc, model_overrides):
     # stop now, not out of memory halfway through building (or killed by the kernel, on the CPU)
     memory.check_fits(memory.plan_run(tc, config, device, dtype), tc, device)
     if tc.init_from == "resume":
-        run.resume_from = checkpoint.read(run.ckpt_path, resume=True)
+        found = checkpoint.path_of(tc.out_dir)
+        if world is not None and checkpoint.is_sharded(found):
+            run.resume_from, run.ckpt_path = "sharded", found     # read into the shards by restore()
+        else:                   # one process's file: mapped, each rank reads what it keeps
+            run.resume_from = checkpoint.read(found, resume=True, mmap=world is not None)
     os.makedirs(tc.out_dir, exist_ok=True)
     return run
 
@@ -112,7 +116,7 @@ def build(run):
     if run.world is None:
         training.build_tables(model, tc, run.device)
     elif model.tables is not None:
-        shards.shard_tables(model, tc, run.world, run.device)     # this rank's rows only
+        shards.shard_tables(model, tc, run.world, run.device, memory.table_slots(tc, config))   # this rank's rows only
     model.to(run.device)
     if run.world is not None:
         distributed.shard_backbone(model, run.world)
@@ -128,20 +132,53 @@ def build(run):
 
 
 def restore(run, model, optimizer, train_loader):
-    """The state to start from: fresh, or everything the checkpoint resumed from holds."""
+    """The state to start from: fresh, or everything the checkpoint resumed from holds (a
+    job's sharded checkpoint from any world size, or one process's)."""
     state = State(first_bad_iter=torch.full((), -1, dtype=torch.long, device=run.device))
     ckpt = run.resume_from
-    if ckpt is not None:
+    if ckpt is None:
+        return state
+    if ckpt == "sharded":
+        ckpt = load_sharded(run, model, optimizer, train_loader)
+    elif run.world is not None:                # one process's checkpoint, read whole on every rank
+        distributed.load_backbone(model, optimizer, ckpt["model"],
+                                  training.optimizer_state_by_name(model, ckpt["optimizer"]), whole=True)
+        if model.tables is not None:
+            model.tables.load_full_state({"weight": ckpt["model"]["tables.weight"],
+                                          "optimizer": ckpt["table_optimizer"]})
+    else:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        training.restore_optimizer(model, optimizer, ckpt["optimizer"])
         if model.tables is not None:
             model.tables.load_optimizer_state(ckpt["table_optimizer"])
-        train_loader.load_state_dict(ckpt["data"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        state.iter_num = state.saved_iter = ckpt["iter_num"]
-        state.best_val_loss = ckpt["best_val_loss"]
-        run.resume_from = None          # let the checkpoint's memory go
+    train_loader.load_state_dict(ckpt["data"])
+    checkpoint.set_rng_state(ckpt["rng"])
+    state.iter_num = state.saved_iter = ckpt["iter_num"]
+    state.best_val_loss = ckpt["best_val_loss"]
+    run.resume_from = None          # let the checkpoint's memory go
     return state
+
+
+def load_sharded(run, model, optimizer, train_loader):
+    """A job's sharded checkpoint into this job's shards (its world size may differ): the
+    checkpoint's extra state, with this rank's RNG state (rank 0's for a rank it lacks)."""
+    rng_key = f"rng.{run.world.rank}" if checkpoint.sharded_has(run.ckpt_path, f"rng.{run.world.rank}") else "rng.0"
+    targets = distributed.sharded_state(model, optimizer, extra_state(run, train_loader, None), run.world, run.device,
+                                        rng_keys=[rng_key])
+    targets = checkpoint.load_sharded(targets, run.ckpt_path)
+    distributed.load_backbone(model, optimizer, targets["model"], targets["optimizer"], whole=False)
+    if model.tables is not None:
+        model.tables.load_sharded_state(targets["tables"])
+    return {**targets["extra"], "rng": targets[rng_key]}
+
+
+def extra_state(run, train_loader, state):
+    """A checkpoint's configs, step and data position (the same on every rank)."""
+    return {"model_config": asdict(run.config), "train_config": asdict(run.tc),
+            "iter_num": state.iter_num if state else 0, "best_val_loss": state.best_val_loss if state else 0.0,
+            "data": train_loader.state_dict(),
+            "meta": run.meta, "tokenizer_json": run.tokenizer_json,
+            "world_size": run.world.world_size if run.world else 1}
 
 
 def run_training(tc, model_overrides):
@@ -251,19 +288,21 @@ def evaluate(run, compiled, model, loaders, state, ctx, log):
 
 def save(run, model, optimizer, train_loader, state):
     """The checkpoint of the run now; a diverged model never replaces a good checkpoint."""
+    weights = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model.state_dict().items()}
+    bad = checkpoint.non_finite(weights)
+    if distributed.any_rank(bad, run.world):
+        where = f"{bad[0]}{' and others' if len(bad) > 1 else ''}" if bad else "another rank's shards"
+        raise UsageError(f"iter {state.iter_num}: non-finite weights in {where}; not saved, {kept_checkpoint(run, state)}")
     if run.world is not None:
-        return      # TODO sharded checkpoints
-    bad = checkpoint.non_finite(model.state_dict())
-    if bad:
-        raise UsageError(f"iter {state.iter_num}: non-finite weights in {bad[0]}{' and others' if len(bad) > 1 else ''}; "
-                         f"not saved, {kept_checkpoint(run, state)}")
-    checkpoint.save({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "model_config": asdict(run.config), "train_config": asdict(run.tc), "iter_num": state.iter_num,
-        "best_val_loss": state.best_val_loss, "rng": checkpoint.rng_state(), "data": train_loader.state_dict(),
-        "meta": run.meta, "tokenizer_json": run.tokenizer_json,
-        "table_optimizer": model.tables.optimizer_state() if model.tables is not None else None,
-    }, run.ckpt_path)
+        sharded = distributed.sharded_state(model, optimizer, extra_state(run, train_loader, state), run.world,
+                                            run.device)
+        checkpoint.save_sharded(sharded, run.tc.out_dir, run.is_main)
+    else:
+        checkpoint.save({
+            **extra_state(run, train_loader, state), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "table_optimizer": model.tables.optimizer_state() if model.tables is not None else None,
+        }, run.ckpt_path)
     state.saved_iter = state.iter_num
 
 

@@ -101,10 +101,12 @@ def resolve_model_config(tc, model_overrides, meta):
     """The GPTConfig a run builds: the checkpoint's on resume (model keys may not change),
     else the overrides with the dataset's vocabulary (or the config's, without a dataset)."""
     if tc.init_from == "resume":
-        ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+        ckpt_path = checkpoint.path_of(tc.out_dir)
         if not os.path.exists(ckpt_path):
             raise UsageError(f"init_from=resume but {ckpt_path} does not exist")
-        config = GPTConfig.from_dict(checkpoint.read(ckpt_path, mmap=True)["model_config"])
+        saved = (checkpoint.read_sharded_extra(ckpt_path) if checkpoint.is_sharded(ckpt_path)
+                 else checkpoint.read(ckpt_path, mmap=True))
+        config = GPTConfig.from_dict(saved["model_config"])
         saved = configurator.flat(config)
         conflicts = {k: v for k, v in model_overrides.items() if saved.get(k) != v}
         if conflicts:
@@ -172,6 +174,33 @@ def configure_optimizer(model, tc):
                                                    betas=(tc.beta1, tc.beta2), weight_decay=tc.table_decay,
                                                    fused=True)
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
+
+
+def optimizer_names(model):
+    """The backbone's parameter names in the order configure_optimizer gives them to AdamW
+    (a one-process checkpoint numbers them so)."""
+    named = [(name, p) for name, p in model.named_parameters() if not name.startswith("tables.")]
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
+def optimizer_state_by_name(model, state):
+    """A torch optimiser state_dict keyed by parameter number, keyed by name instead (as
+    torch.distributed.checkpoint.state_dict takes it); one keyed by name as it is."""
+    if all(isinstance(k, str) for k in state["state"]):
+        return state
+    names = optimizer_names(model)
+    return {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def restore_optimizer(model, optimizer, state):
+    """Load the backbone's AdamW state in one process, keyed by number (a one-process
+    checkpoint) or by name (a job's sharded checkpoint read whole)."""
+    if all(isinstance(k, int) for k in state["state"]):
+        optimizer.load_state_dict(state)
+    else:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state)
 
 
 def lr_at(it, tc):
