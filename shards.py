@@ -240,12 +240,12 @@ def unpermute(state, owner_map):
     return int_keys(map_rows(state, lambda t: t.index_select(0, owner_map.position)))
 
 
-def shard_tables(model, tc, world, device, table_slots, seed=0):
+def shard_tables(model, tc, world, device, table_slots, seed=0, delay=None):
     """Replace the model's full tables (built on the CPU, the same bits on every rank) by
     this rank's shard behind ShardedTables: a stem.ResidentTables of its rows under dense
     AdamW (training.configure_optimizer gives it its optimiser), or tables.LazyTables,
     resident or offloaded with its own LFU cache. table_slots: memory.table_slots of the
-    whole table (cache rows None: resident)."""
+    whole table (cache rows None: resident). delay: offload.OffloadedRows's injected delays."""
     full = model.tables.weight.detach()
     vocab_size, n_stem, d_ff = full.shape
     owner_map = OwnerMap(vocab_size, world.world_size, seed)
@@ -264,6 +264,6 @@ def shard_tables(model, tc, world, device, table_slots, seed=0):
             cache_rows = max(1, int(tc.table_cache_fraction * len(mine)))
             transient_rows = min(transient_rows, len(mine))
         local = lazy_tables.LazyTables(mine, device, cache_rows, transient_rows, training=True, optimizer=optimizer,
-                                       take_weight=True)
+                                       take_weight=True, delay=delay)
     model.tables = ShardedTables(local, owner_map, (n_stem, d_ff), device)
     return model.tables
