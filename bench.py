@@ -5,6 +5,7 @@ Measure STEM against its dense twin, and offloaded tables against resident ones.
     python bench.py --preset=mid --processes=5       # the mid preset, the median over 5 fresh processes
     python bench.py --preset=350m --compile=True     # the 350M configs on a GPU (bf16)
     python bench.py --mode=decode --preset=350m      # decode tokens/s: resident vs offloaded tables
+    python bench.py --mode=wire --world_size=8       # a job's table exchange: bytes on the wire per step
 
 Batches are synthetic token ids drawn from a Zipf distribution (natural text is roughly
 Zipfian), so the dedup and the cache see a realistic number of unique ids. Every model is
@@ -36,6 +37,7 @@ import checkpoint
 import configurator
 import data
 import memory
+import shards
 import stem
 import tables
 import training
@@ -52,7 +54,8 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    mode: str = knob("train", choices=("train", "decode"), help="train: step times; decode: generation tokens/s")
+    mode: str = knob("train", choices=("train", "decode", "wire"),
+                     help="train: step times; decode: generation tokens/s; wire: a job's table-exchange bytes")
     preset: str = knob("tiny", choices=tuple(PRESETS), help="the model shape: " + "; ".join(
         f"{k}: vocab {v['vocab_size']}, {v['n_layer']} x {v['n_embd']}, block {v['block_size']}"
         for k, v in PRESETS.items()))
@@ -77,6 +80,9 @@ class BenchConfig:
                                         "and report the median ratio (a process's speed varies by more than the "
                                         "effects measured)")
     seed: int = knob(0, ge=0, help="initial weights and batches")
+    config: str = knob("config/stem_350m.py", help="wire: the config whose model and batches are counted")
+    dataset: str = knob("text", help="wire: whose training batches (the config's batch geometry)")
+    world_size: int = knob(8, ge=2, help="wire: the ranks of the job")
 
     def __post_init__(self):
         configurator.check(self)
@@ -388,6 +394,50 @@ def bench_decode(bc, device, dtype):
     return results
 
 
+def bench_wire(bc):
+    """Bytes a job's table exchange puts on the wire per optimiser step on a dataset's
+    batches (bc.steps steps of the config's batch_size x block_size x grad_accum_steps),
+    against the official column-sharded scheme and against all-reducing a dense table
+    gradient; and how evenly the owner map spreads the rows served."""
+    from moe import MoEConfig
+    from training import TrainConfig
+    overrides = configurator.parse_overrides([bc.config], TrainConfig, GPTConfig, MoEConfig)
+    train_keys, model_keys = configurator.split_overrides(overrides, TrainConfig)
+    tc = TrainConfig(**{**train_keys, "dataset": bc.dataset})
+    meta = data.load_meta(bc.dataset)
+    config = GPTConfig.from_dict({**model_keys, "vocab_size": meta["vocab_size"]})
+    N, B, T, G = bc.world_size, tc.batch_size, config.block_size, tc.grad_accum_steps
+    if B % N:
+        raise UsageError(f"the config's batch_size {B} does not split over {N} ranks")
+    n_stem, d_ff = len(config.stem_layer_ids), config.d_ff
+    owner_map = shards.OwnerMap(config.vocab_size, N)
+    tokens = data.tokens(bc.dataset, "train", meta["dtype"])
+    generator = torch.Generator().manual_seed(bc.seed)
+    ours, served = {"ids": 0, "rows": 0}, torch.zeros(N, dtype=torch.long)
+    for _ in tqdm(range(bc.steps * G), desc="micro-batches"):
+        windows = torch.from_numpy(data.draw_windows(tokens, generator, B, T)[:, :-1].astype(np.int64))
+        count = shards.exchange_bytes(windows.chunk(N), owner_map, n_stem * d_ff * 4)
+        ours = {k: ours[k] + count[k] for k in ours}
+        served += count["served"]
+    official = {k: v * bc.steps * G for k, v in shards.column_sharded_bytes(B // N * T, N, n_stem, d_ff, 2).items()}
+    dense = shards.dense_all_reduce_bytes(config.vocab_size * n_stem * d_ff * 4, N)
+    rows = [("row-sharded exchange (this code): unique ids, fp32 rows out, fp32 gradients back",
+             ours["ids"] / bc.steps, ours["rows"] / bc.steps),
+            ("column-sharded (official): all-gathered ids, bf16 (tokens, d_ff / N) per STEM layer both ways",
+             official["ids"] / bc.steps, official["rows"] / bc.steps),
+            ("dense table gradient all-reduced (ring, fp32)", 0, dense)]
+    print(f"{bc.config} on {bc.dataset}: {N} ranks, micro-batch {B} x {T} ({B // N} sequences a rank), "
+          f"{G} micro-batches a step, {n_stem} STEM layers of d_ff {d_ff}; GiB per optimiser step summed over ranks, "
+          f"mean of {bc.steps} steps")
+    print(f"{'scheme':<96}{'ids':>8}{'rows':>10}{'total':>10}")
+    for name, ids, payload in rows:
+        print(f"{name:<96}{ids / 2**30:>8.3f}{payload / 2**30:>10.2f}{(ids + payload) / 2**30:>10.2f}")
+    per_rank = served.double() / (bc.steps * G)
+    print(f"rows served per rank and micro-batch: max {per_rank.max():.0f}, mean {per_rank.mean():.0f} "
+          f"(max / mean {per_rank.max() / per_rank.mean():.3f})")
+    return {"rows": rows, "served": per_rank.tolist()}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -398,6 +448,8 @@ def main(argv=None):
             if device != "cpu":
                 raise UsageError("processes > 1 is for the CPU (a GPU run times one model at a time already)")
             return bench_train_processes(bc)
+        if bc.mode == "wire":
+            return bench_wire(bc)
         if bc.mode == "train":
             return bench_train(bc, device, dtype)
         return bench_decode(bc, device, dtype)

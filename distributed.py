@@ -43,21 +43,27 @@ def torch_version():
     return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
-def init(device, timeout_s):
-    """Join the torchrun job (None for one process); collectives time out after timeout_s,
-    so that a rank that died ends the job instead of hanging it."""
+def init(device):
+    """This process's place in the torchrun job (None for one process), read from the
+    environment; joining the job's process group waits for join()."""
     world_size = launched_size()
     if world_size == 1:
         return None
     if torch_version() < MIN_TORCH:
         raise UsageError(f"distributed runs need torch >= {'.'.join(map(str, MIN_TORCH))} (fully_shard with "
                          f"ignored_params, gloo all_to_all_single with uneven splits); this is {torch.__version__}")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return World(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(world, device, timeout_s):
+    """Join the job's process group (NCCL on GPUs, gloo on the CPU). Collectives time out
+    after timeout_s, so that a rank that died ends the job instead of hanging it."""
+    if world is None:
+        return
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return World(rank, world_size, local_rank)
 
 
 def device_of(world, device):
@@ -76,6 +82,20 @@ def mean(value, world):
     return t.item() / world.world_size
 
 
+@contextlib.contextmanager
+def in_turn(world):
+    """The ranks run the body one after another (building: each holds the whole table on
+    its host for a moment, then only its rows)."""
+    if world is None:
+        yield
+        return
+    for _ in range(world.rank):
+        dist.barrier()
+    yield
+    for _ in range(world.rank, world.world_size):
+        dist.barrier()
+
+
 def first_of(value, world):
     """The least non-negative int over ranks, -1 where no rank has one (a rank's first
     diverged step: every rank stops at the same one)."""
@@ -87,10 +107,14 @@ def first_of(value, world):
     return -1 if t.item() == none else t.item()
 
 
-def should_report():
-    """Whether this process prints an error: every process outside torchrun; under torchrun
-    rank 0 before the job is joined (a bad flag is bad on every rank), any rank after."""
-    return os.environ.get("RANK", "0") == "0" or dist.is_initialized()
+def error_line(message):
+    """The error line of this process, or None: outside torchrun, the message; in a job,
+    before it is joined, rank 0's alone (a bad flag or file is bad on every rank); after,
+    every failing rank's, with its rank (what fails there is the rank's own)."""
+    rank = os.environ.get("RANK")
+    if rank is None or not dist.is_initialized():
+        return f"error: {message}" if rank in (None, "0") else None
+    return f"error: rank {rank}: {message}"
 
 
 def shard_backbone(model, world):
@@ -162,6 +186,7 @@ def any_rank(flag, world):
     return bool(t.item())
 
 
-def finish(world):
-    if world is not None and dist.is_initialized():
+def finish():
+    """Leave the job's process group (if this process joined one)."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -22,6 +22,8 @@ import torch
 
 import checkpoint
 import data
+import distributed
+import shards
 import tables
 from configurator import UsageError
 from model import GPT
@@ -38,6 +40,7 @@ STEP_BYTES_PER_ROW = 8       # lazy AdamW step: the rows are updated where they 
 CATCHUP_STEP_BYTES_PER_ROW = 8   # ... and with catch-up, its token id (int64), to stamp its step
 CATCHUP_ROWS_PER_ROW = 7     # catch-up of a chunk: w, m, v, u, w*keep, move*u, and the result
 FINITE_CHECK_BYTES = 7       # a chunk's isfinite(): abs (fp32) and three bool masks, alive together
+NODE_RANKS = 8               # GPUs (ranks) of a node, whose host memory the plan of a job adds up
 CATCHUP_CHUNK = 4096         # lazy_adamw.LazyAdamW.catch_up's chunk of rows
 
 
@@ -51,6 +54,7 @@ class InFlight:
     step: int            # max unique ids of one optimiser step (the rows a lazy step updates)
     batch: int           # max unique ids of one micro-batch (the rows one lookup returns)
     source: str          # where the numbers come from, for the plan's output
+    received: int = 0    # a job's rank: max rows it answers for one micro-batch (a row once per requester)
 
 
 def with_margin(n, vocab_size):
@@ -64,15 +68,22 @@ def zipf_unique(vocab_size, n_tokens, exponent=ZIPF_EXPONENT):
     return float(-np.expm1(n_tokens * np.log1p(-p)).sum())       # sum_r 1 - (1 - p_r)^n
 
 
-def rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps=MEASURE_STEPS):
+def rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps=MEASURE_STEPS,
+                   world_size=1):
     """The unique ids the device must hold at once: one optimiser step (grad_accum_steps
     micro-batches, looked up before the step) plus the micro-batch prefetched during its
     last one. Measured over `steps` steps of the run's own draws (the seed of its
     loader) on the dataset's train.bin; estimated from a Zipf model when the bins are
     not there or use ids beyond vocab_size. Cached while train.bin is unchanged (the
-    dry run, the fit check and the tables' slots ask for the same numbers)."""
+    dry run, the fit check and the tables' slots ask for the same numbers). Of a job of
+    world_size ranks (shards.py), the numbers of its busiest rank: the rows it owns among
+    those in flight and in a step, the rows its slice of a micro-batch looks up, and the
+    rows it answers for one micro-batch."""
     path = os.path.join(data.data_dir_of(dataset), "train.bin")
     stamp = (os.stat(path).st_mtime_ns, os.path.getsize(path)) if os.path.exists(path) else None
+    if world_size > 1:
+        return _rows_in_flight_of_ranks(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps,
+                                        world_size, stamp)
     return _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, stamp)
 
 
@@ -102,15 +113,58 @@ def _rows_in_flight(dataset, batch_size, block_size, grad_accum_steps, vocab_siz
                     with_margin(batch, vocab_size), source)
 
 
+def world_size_of(tc):
+    """The ranks a run plans for: --world_size, else as launched."""
+    return tc.world_size or distributed.launched_size()
+
+
 def table_slots(tc, config):
-    """(cache_rows, transient_rows) of offloaded tables; (None, 0) when resident.
-    transient_rows: the knob, or (0) the measured rows in flight."""
+    """(cache_rows, transient_rows) of offloaded tables (of one rank's shard in a job);
+    (None, 0) when resident. transient_rows: the knob, or (0) the measured rows in flight."""
     if tc.tables != "offload":
         return None, 0
-    cache_rows = min(config.vocab_size, max(1, int(tc.table_cache_fraction * config.vocab_size)))
+    N = world_size_of(tc)
+    rows = math.ceil(config.vocab_size / N)
+    cache_rows = min(rows, max(1, int(tc.table_cache_fraction * rows)))
     transient = tc.table_transient_rows or rows_in_flight(
-        tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, config.vocab_size, tc.seed).rows
+        tc.dataset, tc.batch_size, config.block_size, tc.grad_accum_steps, config.vocab_size, tc.seed,
+        world_size=N).rows
     return cache_rows, transient
+
+
+@functools.lru_cache(maxsize=8)
+def _rows_in_flight_of_ranks(dataset, batch_size, block_size, grad_accum_steps, vocab_size, seed, steps, world_size,
+                             stamp):
+    G, N, b = grad_accum_steps, world_size, batch_size // world_size
+    owner = shards.OwnerMap(vocab_size, N).owner
+    meta = data.read_meta(dataset)
+    path = os.path.join(data.data_dir_of(dataset), "train.bin")
+    usable = (meta is not None and os.path.exists(path) and meta.get("dtype") in ("uint16", "uint32")
+              and meta.get("vocab_size", math.inf) <= vocab_size)
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if usable else None
+    if tokens is None or len(tokens) <= block_size + 1:
+        n_tokens = batch_size * block_size
+        in_flight, step = (math.ceil(zipf_unique(vocab_size, n * n_tokens) / N) for n in (G + 1, G))
+        batch = math.ceil(zipf_unique(vocab_size, b * block_size))
+        received = batch           # each of N requesters asks a rank for about 1/N of its rows
+        source = (f"estimated from i.i.d. Zipf({ZIPF_EXPONENT}) ids over {N} ranks (no usable "
+                  f"{os.path.relpath(path)}; real text needs fewer)")
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        owned_max, batch, received = lambda ids: int(np.bincount(owner(torch.from_numpy(ids)), minlength=N).max()), 0, 0
+        unique = []
+        for _ in range(steps * G + 1):
+            windows = data.draw_windows(tokens, generator, batch_size, block_size)[:, :-1].astype(np.int64)
+            slices = [np.unique(windows[r * b:(r + 1) * b]) for r in range(N)]
+            batch = max(batch, max(len(s) for s in slices))
+            received = max(received, owned_max(np.concatenate(slices)))       # a row once per requesting rank
+            unique.append(np.unique(windows))
+        in_flight = max(owned_max(np.unique(np.concatenate(unique[k * G:k * G + G + 1]))) for k in range(steps))
+        step = max(owned_max(np.unique(np.concatenate(unique[k * G:k * G + G]))) for k in range(steps))
+        source = f"measured over {steps} steps of {os.path.relpath(path)}, the busiest of {N} ranks"
+    rank_rows = math.ceil(vocab_size / N)
+    return InFlight(with_margin(in_flight, rank_rows), in_flight, with_margin(step, rank_rows),
+                    with_margin(batch, vocab_size), source, with_margin(received, rank_rows))
 
 
 # -----------------------------------------------------------------------------
@@ -257,21 +311,31 @@ class Shape:
         self.catchup = self.sparse and tc.table_optimizer == "adamw_catchup"
         self.offloaded = self.sparse and tc.tables == "offload"
         self.V, self.C, self.B, self.T, self.G = c.vocab_size, c.n_embd, tc.batch_size, c.block_size, tc.grad_accum_steps
+        # a job: each of N ranks computes B / N sequences of a micro-batch, owns ceil(V / N)
+        # table rows and an FSDP shard of the backbone
+        self.N = world_size_of(tc)
+        if self.B % self.N:
+            raise UsageError(f"batch_size {self.B} does not split over {self.N} ranks")
+        self.B //= self.N
+        self.rank_rows = math.ceil(self.V / self.N)
+        self.node_ranks = min(self.N, NODE_RANKS)
         self.n_stem = len(c.stem_layer_ids)
         self.row = self.n_stem * c.d_ff * 4                      # one fp32 row, every STEM layer
-        self.table_bytes = self.table.numel() * 4 if self.table is not None else 0
-        self.flight = rows_in_flight(tc.dataset, self.B, self.T, self.G, self.V, tc.seed) if self.table is not None \
-            else None
+        self.full_table_bytes = self.table.numel() * 4 if self.table is not None else 0
+        self.table_bytes = self.rank_rows * self.row if self.table is not None else 0     # this rank's rows
+        self.flight = rows_in_flight(tc.dataset, tc.batch_size, self.T, self.G, self.V, tc.seed,
+                                     world_size=self.N) if self.table is not None else None
         self.U = self.flight.batch if self.flight else 0         # rows of one micro-batch's lookup
         self.backbone = [q for q in self.model.parameters() if q is not self.table]
         self.n_backbone = sum(q.numel() for q in self.backbone)
+        self.block_params = max(sum(q.numel() for q in b.parameters()) for b in self.model.blocks)
         # a checkpoint's finiteness check, chunk by chunk (the table is the largest tensor)
         self.finite_check = FINITE_CHECK_BYTES * min(checkpoint.FINITE_CHUNK, self.table.numel()) \
             if self.table is not None else 0
-        self.n_slots = self.V                                     # device slots of lazy tables (offloaded: fewer)
+        self.n_slots = self.rank_rows                             # device slots of lazy tables (offloaded: fewer)
         if self.offloaded:
             cache_rows, transient = table_slots(tc, c)
-            self.n_slots = min(cache_rows, self.V) + transient
+            self.n_slots = min(cache_rows, self.rank_rows) + transient
 
 
 def plan_run(tc, config, device, dtype):
@@ -288,9 +352,19 @@ def plan_run(tc, config, device, dtype):
     p.header.append(f"memory plan: {config.n_layer} layers, n_embd {s.C}, vocab {s.V}, {s.n_stem} STEM layers of "
                     f"d_ff {config.d_ff}; micro-batch {s.B} x {s.T}, grad_accum_steps {s.G}; {dtype} on {device}"
                     + (f"; tables {tc.tables}, {tc.table_optimizer}" if s.table is not None else ""))
-    p.add("device", f"backbone weights ({s.n_backbone / 1e6:.1f}M params, fp32)", s.n_backbone * 4)
-    p.add("device", "backbone gradients (fp32)", s.n_backbone * 4)
-    p.add("device", "backbone AdamW moments (2 x fp32)", s.n_backbone * 8)
+    shard = f", an FSDP shard of 1/{s.N}" if s.N > 1 else ""
+    p.add("device", f"backbone weights ({s.n_backbone / 1e6:.1f}M params, fp32{shard})", s.n_backbone * 4 // s.N)
+    p.add("device", f"backbone gradients (fp32{shard})", s.n_backbone * 4 // s.N)
+    p.add("device", f"backbone AdamW moments (2 x fp32{shard})", s.n_backbone * 8 // s.N)
+    if s.N > 1:
+        # FSDP2 gathers a block's weights for its forward and backward (and the next one's,
+        # prefetched) and reduce-scatters its gradients; the root (embeddings, head, final
+        # norm) stays gathered from its forward to the end of backward
+        root = s.n_backbone - sum(q.numel() for b in s.model.blocks for q in b.parameters())
+        p.add("device", "FSDP: the root's gathered weights and gradients (embeddings, head, norm)", root * 8)
+        p.add("device", "FSDP: two blocks' gathered weights and gradients", 2 * s.block_params * 8)
+        p.header.append(f"a job of {s.N} ranks: one rank's device; host for the ranks of one node "
+                        f"(min({s.N}, {NODE_RANKS}) = {s.node_ranks})")
     p.add("device", "buffers (RoPE, ...)", sum(b.numel() * b.element_size() for b in s.model.buffers()))
     plan_tables(p, s)
     plan_device_working_sets(p, s)
@@ -305,9 +379,9 @@ def plan_run(tc, config, device, dtype):
 
 def plan_tables(p, s):
     """The tables: exactly what will be allocated."""
-    tc, V = s.tc, s.V
+    tc, V = s.tc, s.rank_rows             # a job's rank holds its rows only
     if s.table is not None and not s.sparse:
-        p.add("device", f"table weights {tuple(s.table.shape)} (dense AdamW, fp32)", s.table_bytes)
+        p.add("device", f"table weights {(V,) + tuple(s.table.shape[1:])} (dense AdamW, fp32)", s.table_bytes)
         p.add("device", "table gradient (dense, fp32)", s.table_bytes)
         p.add("device", "table AdamW moments (2 x fp32)", 2 * s.table_bytes)
     elif s.sparse:
@@ -362,6 +436,10 @@ def plan_device_working_sets(p, s):
                   + (" and its sum with .grad" if s.G > 1 else ""), U * row + (2 if s.G > 1 else 1) * s.table_bytes)
         else:
             p.add("device*", "end of backward: the looked-up rows' gradients", 2 * U * row + held)
+    if s.N > 1 and s.table is not None:
+        R = s.flight.received
+        p.add("device*", f"row exchange: the rows this rank answers for a micro-batch ({R}, once per requesting "
+                         f"rank), gathered and copied, then their gradients", 2 * R * row)
     if s.sparse:
         # catch-up also appends a step to its two float64 histories (a copy of each while the old lives)
         p.add("device*", f"lazy AdamW step: norms of the {s.flight.step} rows touched"
@@ -392,7 +470,9 @@ def plan_host_working_sets(p, s):
     # the model is built on the CPU, then converted and moved; offloaded, its table becomes
     # the host table (counted above) without a copy
     build = s.n_backbone * 4 + (0 if s.offloaded else s.table_bytes)
-    if s.cuda:
+    if s.N > 1:       # the ranks of a node build in turn, each the whole table, then keep its rows
+        build = s.n_backbone * 4 + s.full_table_bytes
+    if s.cuda or s.N > 1:
         p.add("host*", "building: the model on the CPU, before it moves", build)
     elif s.sparse and not s.offloaded:
         # on the CPU the model is built where it trains: its dense table lives while the pool
@@ -404,6 +484,9 @@ def plan_host_working_sets(p, s):
               max(s.finite_check, s.n_slots * s.row, catchup))
     elif s.table is not None and s.cuda:
         p.add("host*", "checkpoint: torch.save stages the table through host memory", s.table_bytes)
+    if s.N > 1:        # what the plan lists is one rank's: a node holds node_ranks of them
+        p.rows = [(place, name + (f" (x {s.node_ranks} ranks)" if place == "host" else ""),
+                   b * s.node_ranks if place == "host" else b, detail) for place, name, b, detail in p.rows]
     p.checkpoint = checkpoint_bytes(s.model, tc, s.sparse)
     if tc.init_from == "resume":
         p.add("host*", "resume: the checkpoint read into memory, then the model built on the CPU",

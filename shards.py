@@ -100,7 +100,7 @@ class ShardedTables(torch.nn.Module):
         self.row_shape, self.device = tuple(row_shape), torch.device(device)
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.exchanges = {}       # id(row_index) -> (row_index, its Exchange plan)
-        self.stats = {"rows_sent": 0, "rows_received": 0}
+        self.stats = {"id_bytes": 0, "row_bytes": 0}      # put on the wire by this rank (not to itself)
 
     def numel(self):
         """Elements of the whole table (all shards), as model.num_params counts them."""
@@ -123,8 +123,7 @@ class ShardedTables(torch.nn.Module):
         local_counts = torch.zeros(len(local_ids), dtype=received_counts.dtype).index_add_(0, inverse, received_counts)
         device = row_index.unique_ids.device
         local_index = stem.RowIndex(local_ids.to(device), inverse.to(device), local_counts, local_ids)
-        self.stats["rows_sent"] += len(ids)
-        self.stats["rows_received"] += len(received)
+        self.stats["id_bytes"] += 2 * 8 * (sum(send_splits) - send_splits[self.rank])      # ids and counts
         return {"order": order.to(device), "send": send_splits, "recv": recv_splits, "local": local_index}
 
     def prepare(self, row_index):
@@ -141,6 +140,9 @@ class ShardedTables(torch.nn.Module):
         local = plan["local"]
         owned = self.local.lookup(local)                                     # (U_local, n_stem, d_ff)
         answers = owned.index_select(0, local.inverse)                       # (R, ...): backward sums requesters
+        remote = sum(plan["recv"]) - plan["recv"][self.rank]                 # answers for the other ranks
+        # the rows go out now, and (training) their gradients come back: one row's bytes each way
+        self.stats["row_bytes"] += remote * math.prod(self.row_shape) * answers.element_size() * (1 + torch.is_grad_enabled())
         rows = RowExchange.apply(answers, plan["recv"], plan["send"], self.group)   # (U, ...) grouped by owner
         return rows.index_select(0, torch.argsort(plan["order"]))          # back to unique-id order
 
@@ -213,6 +215,40 @@ class ShardedTables(torch.nn.Module):
         self.local.load_optimizer_state(state)
 
 
+# -----------------------------------------------------------------------------
+# bytes on the wire, for the bench (and a test that holds the exchange's own count to them)
+
+def exchange_bytes(slices, owner_map, row_bytes):
+    """What one micro-batch's exchange puts on the wire, summed over ranks (nothing a rank
+    sends itself counts): each rank's unique ids with their counts (8 bytes each) to their
+    owners, and per remote request one row out and one gradient back. slices: each rank's
+    token ids. Also returns the rows each rank serves (its own requests included)."""
+    ids_bytes = rows = 0
+    served = torch.zeros(owner_map.world_size, dtype=torch.long)
+    for rank, ids in enumerate(slices):
+        owners = owner_map.owner(torch.unique(torch.as_tensor(ids)))
+        remote = int((owners != rank).sum())
+        ids_bytes, rows = ids_bytes + 2 * 8 * remote, rows + remote
+        served += torch.bincount(owners, minlength=owner_map.world_size)
+    return {"ids": ids_bytes, "rows": 2 * rows * row_bytes, "served": served}
+
+
+def column_sharded_bytes(tokens_per_rank, world_size, n_stem, d_ff, act_bytes):
+    """The official scheme's bytes for one micro-batch, summed over ranks: each table split
+    by d_ff columns over the N ranks; every rank all-gathers every token id (8 bytes),
+    looks up its columns for all tokens and an all-to-all returns each rank its tokens'
+    full rows, per STEM layer, in forward and again (gradients) in backward."""
+    N, t = world_size, tokens_per_rank
+    ids = N * (N - 1) * t * 8
+    activations = 2 * n_stem * (N - 1) * t * d_ff * act_bytes          # N ranks x (N-1) peers x t x d_ff / N
+    return {"ids": ids, "rows": activations}
+
+
+def dense_all_reduce_bytes(table_bytes, world_size):
+    """A dense table gradient all-reduced (ring) every step, summed over ranks."""
+    return 2 * (world_size - 1) * table_bytes
+
+
 ROW_KEYS = ("weight", "exp_avg", "exp_avg_sq", "last_step")   # the per-row tensors of a table's state
 
 
@@ -244,8 +280,9 @@ def shard_tables(model, tc, world, device, table_slots, seed=0, delay=None):
     """Replace the model's full tables (built on the CPU, the same bits on every rank) by
     this rank's shard behind ShardedTables: a stem.ResidentTables of its rows under dense
     AdamW (training.configure_optimizer gives it its optimiser), or tables.LazyTables,
-    resident or offloaded with its own LFU cache. table_slots: memory.table_slots of the
-    whole table (cache rows None: resident). delay: offload.OffloadedRows's injected delays."""
+    resident or offloaded with its own LFU cache. table_slots: memory.table_slots, which
+    sizes a job's shard (cache rows None: resident). delay: offload.OffloadedRows's injected
+    delays."""
     full = model.tables.weight.detach()
     vocab_size, n_stem, d_ff = full.shape
     owner_map = OwnerMap(vocab_size, world.world_size, seed)
@@ -259,10 +296,7 @@ def shard_tables(model, tc, world, device, table_slots, seed=0, delay=None):
     else:
         optimizer = lazy_adamw.LazyAdamW(betas=(tc.beta1, tc.beta2), weight_decay=tc.table_decay,
                                          catch_up=tc.table_catchup if tc.table_optimizer == "adamw_catchup" else None)
-        cache_rows, transient_rows = table_slots
-        if cache_rows is not None:          # the shard's share of the cache; rows in flight bounded by the shard
-            cache_rows = max(1, int(tc.table_cache_fraction * len(mine)))
-            transient_rows = min(transient_rows, len(mine))
+        cache_rows, transient_rows = table_slots       # the shard's (memory.table_slots of a job)
         local = lazy_tables.LazyTables(mine, device, cache_rows, transient_rows, training=True, optimizer=optimizer,
                                        take_weight=True, delay=delay)
     model.tables = ShardedTables(local, owner_map, (n_stem, d_ff), device)

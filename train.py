@@ -73,7 +73,7 @@ class State:
 def resolve(tc, model_overrides):
     device, dtype = configurator.resolve_device(tc.device, tc.dtype)
     check_world_size(tc)
-    world = distributed.init(device, tc.dist_timeout)
+    world = distributed.init(device)
     device = distributed.device_of(world, device)
     configurator.keep_freed_memory(device, tc.cpu_keep_freed_memory)
     meta = data.load_meta(tc.dataset)
@@ -98,6 +98,7 @@ def resolve(tc, model_overrides):
         else:                   # one process's file: mapped, each rank reads what it keeps
             run.resume_from = checkpoint.read(found, resume=True, mmap=world is not None)
     os.makedirs(tc.out_dir, exist_ok=True)
+    distributed.join(world, device, tc.dist_timeout)       # after every check that fails alike on all ranks
     return run
 
 
@@ -111,12 +112,13 @@ def check_world_size(tc):
 def build(run):
     """The model (tables converted before it moves), its optimiser, the data loaders."""
     tc, config = run.tc, run.config
-    torch.manual_seed(tc.seed)
-    model = GPT(config, training.token_counts(tc, config, run.meta))
-    if run.world is None:
-        training.build_tables(model, tc, run.device)
-    elif model.tables is not None:
-        shards.shard_tables(model, tc, run.world, run.device, memory.table_slots(tc, config))   # this rank's rows only
+    with distributed.in_turn(run.world):        # a job's ranks hold the whole table one at a time
+        torch.manual_seed(tc.seed)
+        model = GPT(config, training.token_counts(tc, config, run.meta))
+        if run.world is None:
+            training.build_tables(model, tc, run.device)
+        elif model.tables is not None:
+            shards.shard_tables(model, tc, run.world, run.device, memory.table_slots(tc, config))   # its rows only
     model.to(run.device)
     if run.world is not None:
         distributed.shard_backbone(model, run.world)
@@ -336,7 +338,10 @@ def train(tc, model_overrides):
     if tc.dry_run:
         return dry_run(tc, model_overrides)
     if not tc.deterministic:
-        return run_training(tc, model_overrides)
+        try:
+            return run_training(tc, model_overrides)
+        finally:
+            distributed.finish()
     # cuBLAS reads this when it first starts, so it must be set before the first matmul
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     was = torch.are_deterministic_algorithms_enabled()
@@ -355,8 +360,8 @@ def main(argv=None):
         train_overrides, model_overrides = configurator.split_overrides(overrides, TrainConfig)
         return train(configurator.build(TrainConfig, **train_overrides), model_overrides)
     except UsageError as e:
-        # under torchrun every rank meets a bad flag: rank 0 alone says so
-        sys.exit(f"error: {e}" if distributed.should_report() else 1)
+        line = distributed.error_line(e)
+        sys.exit(line if line else 1)
 
 
 if __name__ == "__main__":

@@ -228,6 +228,7 @@ def exchange_worker(rank, world, port, variant, results):
         loss.backward()
         sharded.step(1e-2, max_norm=0.5)
     results[rank] = local.tensors()["weight"].clone()
+    results[f"stats{rank}"] = dict(sharded.stats)
     dist.destroy_process_group()
 
 
@@ -265,6 +266,12 @@ def run_exchange(variant, world=2):
     whole = torch.empty(40, 2, 4)
     for rank in range(world):
         whole[owner_map.owned(rank)] = results[rank]
+    if variant == "sum":        # the bytes each rank counted on the wire, against the batches' own count
+        _, batches, _ = make_problem(world)
+        expected = [shards.exchange_bytes(batch, owner_map, 2 * 4 * 4) for batch in batches]
+        assert sum(results[f"stats{r}"]["id_bytes"] for r in range(world)) == sum(e["ids"] for e in expected)
+        assert sum(results[f"stats{r}"]["row_bytes"] for r in range(world)) == sum(e["rows"] for e in expected)
+        assert sum(e["rows"] for e in expected) > 0
     return whole
 
 
@@ -277,3 +284,51 @@ def test_the_exchange_sums_each_rows_gradient_once_with_delays():
 def test_an_exchange_that_drops_or_doubles_the_reduction_fails(variant):
     with pytest.raises(AssertionError):
         torch.testing.assert_close(run_exchange(variant), one_process_reference(2), rtol=1e-5, atol=1e-6)
+
+
+# -- one rank's memory plan ------------------------------------------------------------------
+
+def plan_rows(*flags):
+    p = train.main(list(flags) + ["--dry_run=True", "--device=cuda"])["plan"]
+    return {name.split(" (")[0]: b for place, name, b, _ in p.rows}, p
+
+
+def test_a_jobs_plan_is_one_ranks_share():
+    one, _ = plan_rows("config/stem_350m.py", "--dataset=none")
+    eight, p = plan_rows("config/stem_350m.py", "--dataset=none", "--world_size=8")
+    assert eight["backbone weights"] == one["backbone weights"] // 8
+    V, row = 50304, 23 * 2816 * 4
+    assert eight["table weights"] == -(-V // 8) * row and one["table weights"] == V * row
+    assert "row exchange: the rows this rank answers for a micro-batch" in eight
+    assert p.total("device") <= 76 * 2**30
+
+
+def test_the_1b_recipe_for_24gb_cards_fits_at_8_ranks():
+    _, p = plan_rows("config/stem_1b_24gb.py", "--dataset=none", "--world_size=8")
+    assert p.total("device") <= 22 * 2**30
+    with pytest.raises(SystemExit, match="does not split over 3 ranks"):
+        plan_rows("config/stem_1b_24gb.py", "--dataset=none", "--world_size=3")
+
+
+def test_a_jobs_checkpoint_samples_in_one_process(tmp_path, capsys):
+    import importlib.util
+    import sample
+    spec = importlib.util.spec_from_file_location("text_prepare", os.path.join(ROOT, "data", "text", "prepare.py"))
+    text_prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text_prepare)
+    (tmp_path / "in").mkdir()
+    for k in range(10):
+        (tmp_path / "in" / f"{k}.txt").write_text(f"The capital of France is Paris. Spain has Madrid {k}.\n" * 40)
+    text_prepare.main([f"--input={tmp_path / 'in'}", f"--out_dir={tmp_path / 'text'}", "--vocab_size=300",
+                       "--val_fraction=0.2"])
+    out = str(tmp_path / "job")
+    job(2, args_of(str(tmp_path / "text"), out, max_iters=6, ffn="stem", tables="offload",
+                   table_optimizer="adamw_catchup"))
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", "--start=The capital of", "--max_new_tokens=4", "--device=cpu",
+                 "--temperature=0"])
+    printed = capsys.readouterr().out
+    assert "The capital of" in printed
+    model, _ = checkpoint.load_model(out)          # the rows are the job's, in id order
+    saved = checkpoint.read(out)
+    assert torch.equal(model.tables.read_rows(torch.arange(10)), saved["model"]["tables.weight"][:10])
