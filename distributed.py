@@ -60,8 +60,9 @@ def join(world, device, timeout_s):
     after timeout_s, so that a rank that died ends the job instead of hanging it."""
     if world is None:
         return
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
+    # on GPUs NCCL, with gloo beside it for CPU tensors (offloaded tables' shards in a checkpoint)
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -131,12 +132,14 @@ def shard_backbone(model, world):
 # -----------------------------------------------------------------------------
 # checkpoints of a job: torch.distributed.checkpoint, resharded on load
 
-def table_mesh(world, device):
-    """The 1-D mesh the tables' shards are DTensors on (made once)."""
-    if getattr(world, "mesh", None) is None:
+def mesh_of(world, tensor):
+    """The 1-D mesh of the tensor's device type that a table shard is a DTensor on (made once
+    per type: an offloaded shard lives in host memory)."""
+    meshes = world.__dict__.setdefault("meshes", {})
+    if tensor.device.type not in meshes:
         from torch.distributed.device_mesh import init_device_mesh
-        world.mesh = init_device_mesh(torch.device(device).type, (world.world_size,))
-    return world.mesh
+        meshes[tensor.device.type] = init_device_mesh(tensor.device.type, (world.world_size,))
+    return meshes[tensor.device.type]
 
 
 def sharded_state(model, optimizer, extra, world, device, rng_keys=None):
@@ -151,7 +154,7 @@ def sharded_state(model, optimizer, extra, world, device, rng_keys=None):
     for key in rng_keys or [f"rng.{world.rank}"]:
         state[key] = checkpoint.rng_state()     # the saved one replaces it on load
     if model.tables is not None:
-        state["tables"] = model.tables.sharded_state(table_mesh(world, device))
+        state["tables"] = model.tables.sharded_state(lambda t: mesh_of(world, t))
     return state
 
 

@@ -188,7 +188,7 @@ class ShardedTables(torch.nn.Module):
                 self.local.weight.copy_(state["weight"])
         self.local.load_optimizer_state(state["optimizer"])
 
-    def sharded_state(self, mesh):
+    def sharded_state(self, mesh_of):
         """local_state with every per-row tensor a DTensor: the shard of a table in the
         owner map's permuted order, which torch.distributed.checkpoint reshards by ranges."""
         from torch.distributed.tensor import DTensor, Shard
@@ -196,7 +196,7 @@ class ShardedTables(torch.nn.Module):
 
         def as_dtensor(t):
             shape = torch.Size((vocab_size,) + tuple(t.shape[1:]))
-            return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=shape,
+            return DTensor.from_local(t, mesh_of(t), [Shard(0)], run_check=False, shape=shape,
                                       stride=torch.empty(shape, device="meta").stride())
         return map_rows(self.local_state(), as_dtensor)
 
