@@ -35,12 +35,12 @@ JOBS = {
 }
 
 
-def key_map(path, checkpoint):
+def key_map(path, checkpoint, base_paths):
     """A path of the working tree's checkpoint -> the base's path of the same tensor.
     Dense-AdamW tables keep their moments in their own optimiser (table_optimizer) where
-    the base kept them in the backbone's AdamW as its last parameter."""
+    a base before that layout kept them in the backbone's AdamW as its last parameter."""
     parts = path.split("/")
-    if parts[:3] == ["table_optimizer", "adamw", "state"]:
+    if parts[:3] == ["table_optimizer", "adamw", "state"] and path not in base_paths:
         last = len(checkpoint["optimizer"]["state"])            # the backbone's parameters come first
         return "/".join(["optimizer", "state", str(last)] + parts[4:])
     return path
@@ -79,7 +79,7 @@ def compare(new_path, old_path):
     new = torch.load(new_path, map_location="cpu", weights_only=False)
     old = torch.load(old_path, map_location="cpu", weights_only=False)
     new_flat, old_flat = flatten(new), flatten(old)
-    mapped = {key_map(path, new): tensor for path, tensor in new_flat.items()}
+    mapped = {key_map(path, new, old_flat): tensor for path, tensor in new_flat.items()}
     missing = sorted(set(old_flat) - set(mapped))
     extra = sorted(set(mapped) - set(old_flat))
     differ = [p for p in mapped if p in old_flat and not p.startswith(UNSEEDED)
